@@ -1,0 +1,25 @@
+"The package as a user meets it: importable without a GPU or network, and a command line that explains itself."
+import os, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = sorted(p.stem for p in (ROOT/"qlora_nb").glob("*.py") if not p.stem.startswith("_"))
+
+def run(*args, **env):
+    e = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, cwd=ROOT, timeout=300)
+
+def test_every_module_imports_without_gpu_or_network():
+    assert {"config", "tiny", "cli"} <= set(MODULES)
+    r = run("-c", "import importlib; [importlib.import_module(f'qlora_nb.{m}') for m in %r]" % MODULES)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+def test_cli_help_lists_the_commands():
+    r = run("-m", "qlora_nb", "--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("train", "demo", "mmlu")), r.stdout
+
+def test_cli_names_an_unknown_command_without_a_traceback():
+    r = run("-m", "qlora_nb", "trian")
+    assert r.returncode == 2
+    assert "did you mean 'train'" in r.stderr and "Traceback" not in r.stderr, r.stderr
