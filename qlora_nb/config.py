@@ -10,7 +10,7 @@ __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'QUANT_TYPES', 'BITS', 'MMLU_DATA
            'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags', 'make_parser', 'known_flags',
            'reject_unknown', 'merge_args', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml']
 
-# %% ../nbs/00_config.ipynb #5d180262
+# %% ../nbs/00_config.ipynb #3ea6bd96
 import dataclasses, difflib, sys
 from dataclasses import dataclass, field
 from argparse import Namespace
@@ -21,7 +21,7 @@ import yaml
 import transformers
 from transformers import GenerationConfig, HfArgumentParser, Seq2SeqTrainingArguments
 
-# %% ../nbs/00_config.ipynb #5fc8fa8a
+# %% ../nbs/00_config.ipynb #88e110d0
 class ConfigError(ValueError):
     "A setting that cannot work, with a message that says which one and how to fix it."
 
@@ -30,15 +30,16 @@ def require(ok: bool, # the condition that must hold
     "Raise `ConfigError(msg)` unless `ok`."
     if not ok: raise ConfigError(msg)
 
-# %% ../nbs/00_config.ipynb #2cf48f34
+# %% ../nbs/00_config.ipynb #b5ba4466
 DATASET_NAMES = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "longform", "oasst1"]
-DATASET_FORMATS = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "oasst1", "longform", "input-output"]
+DATASET_FORMATS = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "hh-rlhf-qlora", "oasst1", "oasst1-qlora",
+                   "longform", "input-output", "unnatural-instructions"]
 QUANT_TYPES = ["nf4", "fp4"]
 BITS = [4, 8, 16, 32]
 MMLU_DATASETS = ["mmlu-zs", "mmlu-fs"]
 MMLU_SPLITS = ["eval", "test"]
 
-# %% ../nbs/00_config.ipynb #60059f72
+# %% ../nbs/00_config.ipynb #bd49de81
 @dataclass
 class ModelArguments:
     "Which base model to fine-tune."
@@ -49,7 +50,7 @@ class ModelArguments:
     token: Optional[str] = field(default=None,
         metadata={"help": "Hub token for gated models (default: the saved login or HF_TOKEN)."})
 
-# %% ../nbs/00_config.ipynb #00778558
+# %% ../nbs/00_config.ipynb #a7bc0dfc
 @dataclass
 class DataArguments:
     "Which data set, how it is split and how long its examples may be."
@@ -79,7 +80,7 @@ class DataArguments:
             v = getattr(self, name)
             require(v is None or v > 0, f"{name} must be positive or left unset, got {v}.")
 
-# %% ../nbs/00_config.ipynb #d734dfd1
+# %% ../nbs/00_config.ipynb #652385da
 def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp16, bf16):
     "Reject QLoRA settings that cannot work together, with the fix in the message."
     require(bits in BITS, f"bits must be one of {BITS}, got {bits}.")
@@ -91,7 +92,7 @@ def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp
     require(0 <= lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lora_dropout}.")
     require(not (fp16 and bf16), "fp16 and bf16 are both set: choose one compute dtype (bf16 on Ampere or newer GPUs).")
 
-# %% ../nbs/00_config.ipynb #0e63d397
+# %% ../nbs/00_config.ipynb #aef18859
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
     "transformers' training arguments plus the QLoRA and MMLU knobs of `qlora.py`, with its defaults."
@@ -124,7 +125,8 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     learning_rate: float = field(default=0.0002, metadata={"help": "Peak learning rate."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Drop data set columns the model does not take (keep off)."})
     max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward to save memory."})
+    activation_checkpointing: bool = field(default=True,
+        metadata={"help": "Recompute activations in backward to save memory (qlora.py's gradient_checkpointing)."})
     do_train: bool = field(default=True, metadata={"help": "Train."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0.03,
@@ -147,7 +149,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         try: super().__post_init__()
         except ValueError as e: raise ConfigError(str(e)) from None
 
-# %% ../nbs/00_config.ipynb #a57741dc
+# %% ../nbs/00_config.ipynb #ade80bfe
 @dataclass
 class GenerationArguments:
     "How predictions are generated (`--do_predict`, `--predict_with_generate`); becomes a `GenerationConfig`."
@@ -170,7 +172,7 @@ class GenerationArguments:
         # generation always reuses past keys/values; `--use_cache` now belongs to transformers' TrainingArguments
         return GenerationConfig(**dataclasses.asdict(self), use_cache=True)
 
-# %% ../nbs/00_config.ipynb #adf72d5f
+# %% ../nbs/00_config.ipynb #3aed46ca
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 def _renamed(new, why=""):
@@ -180,15 +182,16 @@ LEGACY_FLAGS = {
     "evaluation_strategy": _renamed("eval_strategy"),
     "warmup_ratio": _renamed("warmup_steps", " (a float in [0, 1) is a fraction of the steps)"),
     "no_cuda": _renamed("use_cpu"),
+    "gradient_checkpointing": _renamed("activation_checkpointing"),
     "group_by_length": lambda v: (["--train_sampling_strategy", "group_by_length" if _BOOL_WORDS[v.lower()] else "random"],
         "--group_by_length is --train_sampling_strategy group_by_length in transformers 5."),
     "use_auth_token": lambda v: ([], "--use_auth_token is gone in transformers 5: the saved login or HF_TOKEN is used; pass --token to give one."),
     "logging_dir": lambda v: ([], "--logging_dir was removed in transformers 5 and is ignored: logs go to output_dir."),
     "overwrite_output_dir": lambda v: ([], "--overwrite_output_dir was removed in transformers 5 and is ignored."),
 }
-_LEGACY_BOOLS = {"no_cuda", "group_by_length", "use_auth_token", "overwrite_output_dir"}
+_LEGACY_BOOLS = {"no_cuda", "group_by_length", "use_auth_token", "overwrite_output_dir", "gradient_checkpointing"}
 
-# %% ../nbs/00_config.ipynb #5770d540
+# %% ../nbs/00_config.ipynb #b92ee6df
 def translate_legacy_flags(argv: list) -> tuple:
     "Rewrite `qlora.py`/transformers 4 flags in `argv`; returns (new argv, notices)."
     out, notices, i = [], [], 0
@@ -211,7 +214,7 @@ def translate_legacy_flags(argv: list) -> tuple:
         if j < len(out) and out[j] == "mmlu": out[j] = "mmlu-fs"
     return out, notices
 
-# %% ../nbs/00_config.ipynb #680e2771
+# %% ../nbs/00_config.ipynb #909528d8
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments, GenerationArguments)
 
 class _Parser(HfArgumentParser):
@@ -225,7 +228,7 @@ def known_flags() -> list:
     "Every flag name the parser accepts, without dashes."
     return sorted({o[2:] for a in make_parser()._actions for o in a.option_strings if o.startswith("--")})
 
-# %% ../nbs/00_config.ipynb #f80a6714
+# %% ../nbs/00_config.ipynb #880683fb
 def reject_unknown(names, where="command line"):
     "Raise a `ConfigError` naming each unknown flag and the closest known one."
     known = known_flags()
@@ -235,7 +238,7 @@ def reject_unknown(names, where="command line"):
         msgs.append(f"--{n}" + (f" (did you mean --{close[0]}?)" if close else ""))
     require(not msgs, f"Unknown setting(s) on the {where}: {', '.join(msgs)}. `qlora-nb train --help` lists them all.")
 
-# %% ../nbs/00_config.ipynb #c13c7ea9
+# %% ../nbs/00_config.ipynb #23c08c34
 def merge_args(model_args, data_args, training_args, generation_args) -> Namespace:
     "One namespace with every field of the four objects, and the objects themselves."
     training_args.generation_config = generation_args.to_generation_config()
@@ -243,7 +246,7 @@ def merge_args(model_args, data_args, training_args, generation_args) -> Namespa
     flat = {f.name: getattr(o, f.name) for o in objs.values() for f in dataclasses.fields(o)}
     return Namespace(**flat, **objs)
 
-# %% ../nbs/00_config.ipynb #5352f86a
+# %% ../nbs/00_config.ipynb #be2792ef
 def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
                quiet=False): # do not print notices about old spellings
     "Parse `qlora.py`-compatible flags (and `--config run.yaml`) into one validated namespace."
@@ -271,18 +274,21 @@ def _pop_config(argv):
         if tok.startswith("--config="):
             del argv[i]; return tok.split("=", 1)[1]
 
-# %% ../nbs/00_config.ipynb #a1786931
+# %% ../nbs/00_config.ipynb #07874659
 def _as_dict(o): return o.to_dict() if hasattr(o, "to_dict") else dataclasses.asdict(o)
+
+# derived, not set: transformers mirrors activation_* into gradient_*; generation_config comes from GenerationArguments
+_DERIVED = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "generation_config"}
 
 def _section_values(obj):
     "(name, value, help) to write: every field our class declares, and inherited ones that differ from their default."
     cls = type(obj)
     values, defaults = _as_dict(obj), _as_dict(cls())
     for f in dataclasses.fields(obj):
-        if f.init and (f.name in cls.__annotations__ or values[f.name] != defaults[f.name]):
+        if f.init and f.name not in _DERIVED and (f.name in cls.__annotations__ or values[f.name] != defaults[f.name]):
             yield f.name, values[f.name], f.metadata.get("help", "")
 
-# %% ../nbs/00_config.ipynb #6aed966a
+# %% ../nbs/00_config.ipynb #a674cea1
 def to_yaml(args) -> str:
     "The YAML text of a parsed configuration (`parse_args` result)."
     lines = ["# qlora_nb run configuration: qlora-nb train --config THIS_FILE", ""]
@@ -300,7 +306,7 @@ def save_yaml(args, path):
     "Write the configuration to `path` as YAML."
     Path(path).write_text(to_yaml(args)); return Path(path)
 
-# %% ../nbs/00_config.ipynb #3cf39552
+# %% ../nbs/00_config.ipynb #1d8f2211
 def read_yaml(path) -> tuple:
     "Settings from a YAML file: (values with transformers 5 names, notices). Unknown keys are errors."
     path = Path(path)
