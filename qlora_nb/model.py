@@ -6,9 +6,9 @@ Docs: https://github.com/qlora-nb/qlora_nb/model.html.md"""
 
 # %% auto #0
 __all__ = ['MIN_VOCAB', 'DEFAULT_PAD_TOKEN', 'load_tokenizer', 'smart_tokenizer_and_embedding_resize', 'add_missing_pad_token',
-           'fix_llama_special_tokens', 'is_llama', 'get_accelerate_model']
+           'fix_llama_special_tokens', 'is_llama', 'load_base_and_tokenizer', 'get_accelerate_model']
 
-# %% ../nbs/04_model.ipynb #270887e0
+# %% ../nbs/04_model.ipynb #ee60244c
 import torch
 from transformers import AutoTokenizer, LlamaTokenizer
 
@@ -16,7 +16,7 @@ from .config import ConfigError, require
 from .quant import load_base_model
 from .lora import attach_lora, fix_dtypes
 
-# %% ../nbs/04_model.ipynb #3a5510f4
+# %% ../nbs/04_model.ipynb #affaa513
 MIN_VOCAB = 100
 
 def load_tokenizer(args):
@@ -29,7 +29,7 @@ def load_tokenizer(args):
             "`sentencepiece` and `protobuf` packages are installed: `pip install sentencepiece protobuf`.")
     return tokenizer
 
-# %% ../nbs/04_model.ipynb #213b7c92
+# %% ../nbs/04_model.ipynb #9c2335c1
 DEFAULT_PAD_TOKEN = "[PAD]"
 
 def smart_tokenizer_and_embedding_resize(special_tokens_dict: dict, # e.g. `dict(pad_token="[PAD]")`
@@ -45,7 +45,7 @@ def smart_tokenizer_and_embedding_resize(special_tokens_dict: dict, # e.g. `dict
             weight[old_len:len(tokenizer)] = weight[:old_len].mean(dim=0, keepdim=True)
     return added
 
-# %% ../nbs/04_model.ipynb #13a786ad
+# %% ../nbs/04_model.ipynb #9d3e13e0
 def add_missing_pad_token(tokenizer, model) -> bool:
     "Give a tokenizer without a pad token `[PAD]`, with mean-initialised embeddings; True if one was added."
     if tokenizer.pad_token is not None: return False
@@ -54,7 +54,7 @@ def add_missing_pad_token(tokenizer, model) -> bool:
     if model.generation_config is not None: model.generation_config.pad_token_id = tokenizer.pad_token_id
     return True
 
-# %% ../nbs/04_model.ipynb #bf33d9e7
+# %% ../nbs/04_model.ipynb #c3dd62ee
 def fix_llama_special_tokens(tokenizer, model) -> dict:
     "`qlora.py`'s LLaMA repair: bos/eos/unk from the ids in `model.config`, skipping ids that are not usable."
     cfg = model.config
@@ -68,19 +68,24 @@ def fix_llama_special_tokens(tokenizer, model) -> dict:
     if fixes: tokenizer.add_special_tokens(fixes)
     return fixes
 
-# %% ../nbs/04_model.ipynb #df04b27d
+# %% ../nbs/04_model.ipynb #923b7074
 def is_llama(args, tokenizer) -> bool:
     "Whether `qlora.py` would apply the LLaMA special-token repair."
     return "llama" in str(args.model_name_or_path).lower() or isinstance(tokenizer, LlamaTokenizer)
 
-# %% ../nbs/04_model.ipynb #2475a25b
-def get_accelerate_model(args, # `qlora_nb.config.parse_args` result
-                         checkpoint_dir=None): # a checkpoint-N folder whose adapter_model/ to reload, trainable
-    "(model, tokenizer) ready for training: quantized base model, pad token, LLaMA repair, LoRA, dtype fixes."
+# %% ../nbs/04_model.ipynb #75fafbb4
+def load_base_and_tokenizer(args) -> tuple:
+    "The base model and its tokenizer, repaired as training needs them; evaluation loads adapters on top of this."
     model = load_base_model(args)
     tokenizer = load_tokenizer(args)
     add_missing_pad_token(tokenizer, model)
     if is_llama(args, tokenizer): fix_llama_special_tokens(tokenizer, model)
+    return model, tokenizer
+
+def get_accelerate_model(args, # `qlora_nb.config.parse_args` result
+                         checkpoint_dir=None): # a checkpoint-N folder whose adapter_model/ to reload, trainable
+    "(model, tokenizer) ready for training: quantized base model, pad token, LLaMA repair, LoRA, dtype fixes."
+    model, tokenizer = load_base_and_tokenizer(args)
     model = attach_lora(model, args, checkpoint_dir)
     model = fix_dtypes(model, args)
     model.config.use_cache = False
