@@ -6,11 +6,11 @@ Docs: https://github.com/qlora-nb/qlora_nb/config.html.md"""
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'QUANT_TYPES', 'BITS', 'MMLU_DATASETS', 'MMLU_SPLITS', 'LEGACY_FLAGS',
-           'ARG_CLASSES', 'ConfigError', 'require', 'ModelArguments', 'DataArguments', 'check_quantization',
-           'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags', 'make_parser', 'known_flags',
-           'reject_unknown', 'merge_args', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml']
+           'ARG_CLASSES', 'DERIVED_FIELDS', 'ConfigError', 'require', 'ModelArguments', 'DataArguments',
+           'check_quantization', 'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags', 'make_parser',
+           'known_flags', 'reject_unknown', 'merge_args', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml']
 
-# %% ../nbs/00_config.ipynb #3ea6bd96
+# %% ../nbs/00_config.ipynb #4a6a8a98
 import dataclasses, difflib, sys
 from dataclasses import dataclass, field
 from argparse import Namespace
@@ -21,7 +21,7 @@ import yaml
 import transformers
 from transformers import GenerationConfig, HfArgumentParser, Seq2SeqTrainingArguments
 
-# %% ../nbs/00_config.ipynb #88e110d0
+# %% ../nbs/00_config.ipynb #7e21e7cd
 class ConfigError(ValueError):
     "A setting that cannot work, with a message that says which one and how to fix it."
 
@@ -30,7 +30,7 @@ def require(ok: bool, # the condition that must hold
     "Raise `ConfigError(msg)` unless `ok`."
     if not ok: raise ConfigError(msg)
 
-# %% ../nbs/00_config.ipynb #b5ba4466
+# %% ../nbs/00_config.ipynb #ebdde319
 DATASET_NAMES = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "longform", "oasst1"]
 DATASET_FORMATS = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "hh-rlhf-qlora", "oasst1", "oasst1-qlora",
                    "longform", "input-output", "unnatural-instructions"]
@@ -39,7 +39,7 @@ BITS = [4, 8, 16, 32]
 MMLU_DATASETS = ["mmlu-zs", "mmlu-fs"]
 MMLU_SPLITS = ["eval", "test"]
 
-# %% ../nbs/00_config.ipynb #bd49de81
+# %% ../nbs/00_config.ipynb #f11b53ec
 @dataclass
 class ModelArguments:
     "Which base model to fine-tune."
@@ -50,7 +50,7 @@ class ModelArguments:
     token: Optional[str] = field(default=None,
         metadata={"help": "Hub token for gated models (default: the saved login or HF_TOKEN)."})
 
-# %% ../nbs/00_config.ipynb #a7bc0dfc
+# %% ../nbs/00_config.ipynb #9e609f65
 @dataclass
 class DataArguments:
     "Which data set, how it is split and how long its examples may be."
@@ -80,7 +80,7 @@ class DataArguments:
             v = getattr(self, name)
             require(v is None or v > 0, f"{name} must be positive or left unset, got {v}.")
 
-# %% ../nbs/00_config.ipynb #652385da
+# %% ../nbs/00_config.ipynb #5f30defe
 def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp16, bf16):
     "Reject QLoRA settings that cannot work together, with the fix in the message."
     require(bits in BITS, f"bits must be one of {BITS}, got {bits}.")
@@ -92,7 +92,7 @@ def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp
     require(0 <= lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lora_dropout}.")
     require(not (fp16 and bf16), "fp16 and bf16 are both set: choose one compute dtype (bf16 on Ampere or newer GPUs).")
 
-# %% ../nbs/00_config.ipynb #aef18859
+# %% ../nbs/00_config.ipynb #afda1274
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
     "transformers' training arguments plus the QLoRA and MMLU knobs of `qlora.py`, with its defaults."
@@ -149,7 +149,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         try: super().__post_init__()
         except ValueError as e: raise ConfigError(str(e)) from None
 
-# %% ../nbs/00_config.ipynb #ade80bfe
+# %% ../nbs/00_config.ipynb #a7f7328e
 @dataclass
 class GenerationArguments:
     "How predictions are generated (`--do_predict`, `--predict_with_generate`); becomes a `GenerationConfig`."
@@ -172,7 +172,7 @@ class GenerationArguments:
         # generation always reuses past keys/values; `--use_cache` now belongs to transformers' TrainingArguments
         return GenerationConfig(**dataclasses.asdict(self), use_cache=True)
 
-# %% ../nbs/00_config.ipynb #3aed46ca
+# %% ../nbs/00_config.ipynb #9e589edd
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 def _renamed(new, why=""):
@@ -191,7 +191,7 @@ LEGACY_FLAGS = {
 }
 _LEGACY_BOOLS = {"no_cuda", "group_by_length", "use_auth_token", "overwrite_output_dir", "gradient_checkpointing"}
 
-# %% ../nbs/00_config.ipynb #b92ee6df
+# %% ../nbs/00_config.ipynb #95802dbd
 def translate_legacy_flags(argv: list) -> tuple:
     "Rewrite `qlora.py`/transformers 4 flags in `argv`; returns (new argv, notices)."
     out, notices, i = [], [], 0
@@ -214,7 +214,7 @@ def translate_legacy_flags(argv: list) -> tuple:
         if j < len(out) and out[j] == "mmlu": out[j] = "mmlu-fs"
     return out, notices
 
-# %% ../nbs/00_config.ipynb #909528d8
+# %% ../nbs/00_config.ipynb #7b6588af
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments, GenerationArguments)
 
 class _Parser(HfArgumentParser):
@@ -228,7 +228,7 @@ def known_flags() -> list:
     "Every flag name the parser accepts, without dashes."
     return sorted({o[2:] for a in make_parser()._actions for o in a.option_strings if o.startswith("--")})
 
-# %% ../nbs/00_config.ipynb #880683fb
+# %% ../nbs/00_config.ipynb #44c03be7
 def reject_unknown(names, where="command line"):
     "Raise a `ConfigError` naming each unknown flag and the closest known one."
     known = known_flags()
@@ -238,7 +238,7 @@ def reject_unknown(names, where="command line"):
         msgs.append(f"--{n}" + (f" (did you mean --{close[0]}?)" if close else ""))
     require(not msgs, f"Unknown setting(s) on the {where}: {', '.join(msgs)}. `qlora-nb train --help` lists them all.")
 
-# %% ../nbs/00_config.ipynb #23c08c34
+# %% ../nbs/00_config.ipynb #17168341
 def merge_args(model_args, data_args, training_args, generation_args) -> Namespace:
     "One namespace with every field of the four objects, and the objects themselves."
     training_args.generation_config = generation_args.to_generation_config()
@@ -246,7 +246,7 @@ def merge_args(model_args, data_args, training_args, generation_args) -> Namespa
     flat = {f.name: getattr(o, f.name) for o in objs.values() for f in dataclasses.fields(o)}
     return Namespace(**flat, **objs)
 
-# %% ../nbs/00_config.ipynb #be2792ef
+# %% ../nbs/00_config.ipynb #df67c5c6
 def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
                quiet=False): # do not print notices about old spellings
     "Parse `qlora.py`-compatible flags (and `--config run.yaml`) into one validated namespace."
@@ -274,21 +274,21 @@ def _pop_config(argv):
         if tok.startswith("--config="):
             del argv[i]; return tok.split("=", 1)[1]
 
-# %% ../nbs/00_config.ipynb #07874659
+# %% ../nbs/00_config.ipynb #906b0330
 def _as_dict(o): return o.to_dict() if hasattr(o, "to_dict") else dataclasses.asdict(o)
 
 # derived, not set: transformers mirrors activation_* into gradient_*; generation_config comes from GenerationArguments
-_DERIVED = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "generation_config"}
+DERIVED_FIELDS = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "generation_config"}
 
 def _section_values(obj):
     "(name, value, help) to write: every field our class declares, and inherited ones that differ from their default."
     cls = type(obj)
     values, defaults = _as_dict(obj), _as_dict(cls())
     for f in dataclasses.fields(obj):
-        if f.init and f.name not in _DERIVED and (f.name in cls.__annotations__ or values[f.name] != defaults[f.name]):
+        if f.init and f.name not in DERIVED_FIELDS and (f.name in cls.__annotations__ or values[f.name] != defaults[f.name]):
             yield f.name, values[f.name], f.metadata.get("help", "")
 
-# %% ../nbs/00_config.ipynb #a674cea1
+# %% ../nbs/00_config.ipynb #5e3c19cb
 def to_yaml(args) -> str:
     "The YAML text of a parsed configuration (`parse_args` result)."
     lines = ["# qlora_nb run configuration: qlora-nb train --config THIS_FILE", ""]
@@ -306,7 +306,7 @@ def save_yaml(args, path):
     "Write the configuration to `path` as YAML."
     Path(path).write_text(to_yaml(args)); return Path(path)
 
-# %% ../nbs/00_config.ipynb #1d8f2211
+# %% ../nbs/00_config.ipynb #0da79af3
 def read_yaml(path) -> tuple:
     "Settings from a YAML file: (values with transformers 5 names, notices). Unknown keys are errors."
     path = Path(path)

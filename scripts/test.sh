@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
+if [ ! -x /usr/bin/chromium ] && [ -z "${QLORA_NB_CHROMIUM:-}" ]; then
+  # the JupyterLab browser test drives Debian's Chromium through Playwright (never `playwright install`)
+  echo "==> installing Debian's chromium for the browser test"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
 unchanged() {  # fail when the working tree differs from before the command ran
