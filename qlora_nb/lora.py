@@ -10,7 +10,7 @@ __all__ = ['CHECKPOINTING', 'MODULE_TYPES', 'true_numel', 'count_parameters', 'l
            'storage_of', 'dtype_table', 'module_type', 'parameters_by_module_type', 'fix_dtypes',
            'lora_b_grads_after_eval', 'simulate_avx512bf16_cpu']
 
-# %% ../nbs/03_lora.ipynb #af8689a6
+# %% ../nbs/03_lora.ipynb #79c90a61
 import contextlib, math, warnings
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 
 from .config import ConfigError, require
 
-# %% ../nbs/03_lora.ipynb #03995c79
+# %% ../nbs/03_lora.ipynb #8094a1e4
 def true_numel(param) -> int:
     "How many weights `param` holds: a packed 4-bit weight counts its unpacked shape."
     state = getattr(param, "quant_state", None)
@@ -34,7 +34,7 @@ def count_parameters(model) -> tuple:
     params = list(model.parameters())
     return sum(true_numel(p) for p in params if p.requires_grad), sum(true_numel(p) for p in params)
 
-# %% ../nbs/03_lora.ipynb #d9657ded
+# %% ../nbs/03_lora.ipynb #e766a18f
 def linear_layer_class(bits: int) -> type:
     "The layer class a model loaded with `--bits` uses for its linear layers."
     return bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt if bits == 8 else torch.nn.Linear
@@ -50,7 +50,7 @@ def find_all_linear_names(args, model) -> list:
             "loaded, and that the model has linear layers.")
     return sorted(names)
 
-# %% ../nbs/03_lora.ipynb #60ec4064
+# %% ../nbs/03_lora.ipynb #93534fba
 CHECKPOINTING = {"use_reentrant": False}
 
 def prepare_for_training(model, args):
@@ -63,13 +63,13 @@ def prepare_for_training(model, args):
     if args.gradient_checkpointing: model.activation_checkpointing_enable(CHECKPOINTING)
     return model
 
-# %% ../nbs/03_lora.ipynb #1f78c084
+# %% ../nbs/03_lora.ipynb #dfc11463
 def make_lora_config(args, model) -> LoraConfig:
     "The LoRA configuration of a QLoRA run, targeting every linear layer but `lm_head`."
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=find_all_linear_names(args, model))
 
-# %% ../nbs/03_lora.ipynb #295c2142
+# %% ../nbs/03_lora.ipynb #884bd3d0
 def load_adapters(model, checkpoint_dir):
     "The adapters saved in `checkpoint_dir/adapter_model`, put on `model`, trainable."
     folder = Path(checkpoint_dir)/"adapter_model"
@@ -82,7 +82,7 @@ def load_adapters(model, checkpoint_dir):
                           f"another base model ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
                           "Resume from an earlier checkpoint or start over.") from None
 
-# %% ../nbs/03_lora.ipynb #83a6785b
+# %% ../nbs/03_lora.ipynb #f7cb3f8b
 def attach_lora(model, args, checkpoint_dir=None): # checkpoint_dir: a checkpoint-N folder to reload adapters from
     "Prepare `model` for training and put LoRA adapters on it: new ones, or those of `checkpoint_dir`."
     model = prepare_for_training(model, args)
@@ -90,14 +90,14 @@ def attach_lora(model, args, checkpoint_dir=None): # checkpoint_dir: a checkpoin
     if checkpoint_dir is not None: return load_adapters(model, checkpoint_dir)
     return get_peft_model(model, make_lora_config(args, model))
 
-# %% ../nbs/03_lora.ipynb #f0dbcf1c
+# %% ../nbs/03_lora.ipynb #e76f1e7d
 def print_trainable_parameters(args, model) -> tuple:
     "Print (and return) the trainable and total parameters, 4-bit weights counted at their true size."
     trainable, total = count_parameters(model)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable: {100 * trainable / total:.4f}%")
     return trainable, total
 
-# %% ../nbs/03_lora.ipynb #b6359aff
+# %% ../nbs/03_lora.ipynb #d324532d
 def _quant_state_tensors(state) -> list:
     "The tensors a 4-bit weight's quantization state keeps beside the packed weight."
     out = [state.absmax, state.code]
@@ -112,7 +112,7 @@ def storage_of(param) -> tuple:
     scales = getattr(param, "SCB", None)  # LLM.int8() keeps one float32 scale per row
     return str(param.dtype).removeprefix("torch."), param.nbytes + (scales.nbytes if isinstance(scales, torch.Tensor) else 0)
 
-# %% ../nbs/03_lora.ipynb #b8dddd72
+# %% ../nbs/03_lora.ipynb #6f74ff1f
 def dtype_table(model) -> list:
     "One row per storage type: `dict(dtype=, params=, bytes=)`, 4-bit weights at their true count, largest first."
     rows = {}
@@ -122,7 +122,7 @@ def dtype_table(model) -> list:
         row["params"] += true_numel(p); row["bytes"] += nbytes
     return sorted(rows.values(), key=lambda r: -r["bytes"])
 
-# %% ../nbs/03_lora.ipynb #f56ea4be
+# %% ../nbs/03_lora.ipynb #6c22f508
 MODULE_TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "norm", "lm_head", "lora"]
 
 def module_type(param_name: str) -> str:
@@ -134,7 +134,7 @@ def module_type(param_name: str) -> str:
         if "norm" in p: return "norm"
     return "other"
 
-# %% ../nbs/03_lora.ipynb #abe47873
+# %% ../nbs/03_lora.ipynb #a8e43380
 def parameters_by_module_type(model) -> dict:
     "`{type: dict(trainable=, frozen=)}` for every name in `MODULE_TYPES` (and 'other' if any), true counts."
     out = {t: dict(trainable=0, frozen=0) for t in MODULE_TYPES}
@@ -143,7 +143,7 @@ def parameters_by_module_type(model) -> dict:
         row["trainable" if p.requires_grad else "frozen"] += true_numel(p)
     return out
 
-# %% ../nbs/03_lora.ipynb #cc616763
+# %% ../nbs/03_lora.ipynb #c406f87a
 def fix_dtypes(model, args):
     "qlora.py's dtype fixes: LoRA layers bf16 under bf16, norms float32, lm_head/embed_tokens bf16 under bf16."
     for name, module in model.named_modules():
@@ -153,7 +153,7 @@ def fix_dtypes(model, args):
             if args.bf16 and module.weight.dtype == torch.float32: module.to(torch.bfloat16)
     return model
 
-# %% ../nbs/03_lora.ipynb #222cd6a8
+# %% ../nbs/03_lora.ipynb #4a4d9cf5
 def lora_b_grads_after_eval(model, input_ids: torch.Tensor) -> dict: # input_ids: a (batch, length) tensor of token ids
     "`{name: gradient size}` of every `lora_B` after eval, a no-grad forward, `generate`, then one training backward."
     model.eval()
@@ -163,7 +163,7 @@ def lora_b_grads_after_eval(model, input_ids: torch.Tensor) -> dict: # input_ids
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     return {n: 0. if p.grad is None else float(p.grad.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n}
 
-# %% ../nbs/03_lora.ipynb #5b4a6f75
+# %% ../nbs/03_lora.ipynb #d8a0c6d5
 def _unpack_cpu_layout(packed, shape, absmax, blocksize, code) -> torch.Tensor:
     "The dequantized (out, in) weight of a layer repacked by bitsandbytes' `_convert_weight_packed_for_cpu`."
     N, K = shape
@@ -177,7 +177,7 @@ def _gemv_4bit_outside_autograd(A, B, shapeB, absmax, code, blocksize):
     with torch.no_grad():
         return torch.nn.functional.linear(A.float(), _unpack_cpu_layout(B, shapeB, absmax, blocksize, code)).to(A.dtype)
 
-# %% ../nbs/03_lora.ipynb #ceaa1696
+# %% ../nbs/03_lora.ipynb #ffa3f9d0
 @contextlib.contextmanager
 def simulate_avx512bf16_cpu(model):
     "Make `model`'s 4-bit layers behave as on an AVX512-BF16 CPU without the guard (for tests)."
