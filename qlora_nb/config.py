@@ -10,7 +10,7 @@ __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'QUANT_TYPES', 'BITS', 'MMLU_DATA
            'check_quantization', 'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags', 'make_parser',
            'known_flags', 'reject_unknown', 'merge_args', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml']
 
-# %% ../nbs/00_config.ipynb #4a6a8a98
+# %% ../nbs/00_config.ipynb #ec043800
 import dataclasses, difflib, sys
 from dataclasses import dataclass, field
 from argparse import Namespace
@@ -21,7 +21,7 @@ import yaml
 import transformers
 from transformers import GenerationConfig, HfArgumentParser, Seq2SeqTrainingArguments
 
-# %% ../nbs/00_config.ipynb #7e21e7cd
+# %% ../nbs/00_config.ipynb #e3e9d4ed
 class ConfigError(ValueError):
     "A setting that cannot work, with a message that says which one and how to fix it."
 
@@ -30,7 +30,7 @@ def require(ok: bool, # the condition that must hold
     "Raise `ConfigError(msg)` unless `ok`."
     if not ok: raise ConfigError(msg)
 
-# %% ../nbs/00_config.ipynb #ebdde319
+# %% ../nbs/00_config.ipynb #75441e0b
 DATASET_NAMES = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "longform", "oasst1"]
 DATASET_FORMATS = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "hh-rlhf-qlora", "oasst1", "oasst1-qlora",
                    "longform", "input-output", "unnatural-instructions"]
@@ -39,7 +39,7 @@ BITS = [4, 8, 16, 32]
 MMLU_DATASETS = ["mmlu-zs", "mmlu-fs"]
 MMLU_SPLITS = ["eval", "test"]
 
-# %% ../nbs/00_config.ipynb #f11b53ec
+# %% ../nbs/00_config.ipynb #49f620dc
 @dataclass
 class ModelArguments:
     "Which base model to fine-tune."
@@ -50,7 +50,7 @@ class ModelArguments:
     token: Optional[str] = field(default=None,
         metadata={"help": "Hub token for gated models (default: the saved login or HF_TOKEN)."})
 
-# %% ../nbs/00_config.ipynb #9e609f65
+# %% ../nbs/00_config.ipynb #37e85639
 @dataclass
 class DataArguments:
     "Which data set, how it is split and how long its examples may be."
@@ -80,7 +80,7 @@ class DataArguments:
             v = getattr(self, name)
             require(v is None or v > 0, f"{name} must be positive or left unset, got {v}.")
 
-# %% ../nbs/00_config.ipynb #5f30defe
+# %% ../nbs/00_config.ipynb #f8c3a729
 def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp16, bf16):
     "Reject QLoRA settings that cannot work together, with the fix in the message."
     require(bits in BITS, f"bits must be one of {BITS}, got {bits}.")
@@ -92,7 +92,7 @@ def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp
     require(0 <= lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lora_dropout}.")
     require(not (fp16 and bf16), "fp16 and bf16 are both set: choose one compute dtype (bf16 on Ampere or newer GPUs).")
 
-# %% ../nbs/00_config.ipynb #afda1274
+# %% ../nbs/00_config.ipynb #ae8a414e
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
     "transformers' training arguments plus the QLoRA and MMLU knobs of `qlora.py`, with its defaults."
@@ -149,7 +149,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         try: super().__post_init__()
         except ValueError as e: raise ConfigError(str(e)) from None
 
-# %% ../nbs/00_config.ipynb #a7f7328e
+# %% ../nbs/00_config.ipynb #be620beb
 @dataclass
 class GenerationArguments:
     "How predictions are generated (`--do_predict`, `--predict_with_generate`); becomes a `GenerationConfig`."
@@ -172,7 +172,7 @@ class GenerationArguments:
         # generation always reuses past keys/values; `--use_cache` now belongs to transformers' TrainingArguments
         return GenerationConfig(**dataclasses.asdict(self), use_cache=True)
 
-# %% ../nbs/00_config.ipynb #9e589edd
+# %% ../nbs/00_config.ipynb #61b6df36
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 def _renamed(new, why=""):
@@ -191,7 +191,7 @@ LEGACY_FLAGS = {
 }
 _LEGACY_BOOLS = {"no_cuda", "group_by_length", "use_auth_token", "overwrite_output_dir", "gradient_checkpointing"}
 
-# %% ../nbs/00_config.ipynb #95802dbd
+# %% ../nbs/00_config.ipynb #72ef1d81
 def translate_legacy_flags(argv: list) -> tuple:
     "Rewrite `qlora.py`/transformers 4 flags in `argv`; returns (new argv, notices)."
     out, notices, i = [], [], 0
@@ -214,7 +214,7 @@ def translate_legacy_flags(argv: list) -> tuple:
         if j < len(out) and out[j] == "mmlu": out[j] = "mmlu-fs"
     return out, notices
 
-# %% ../nbs/00_config.ipynb #7b6588af
+# %% ../nbs/00_config.ipynb #d4c020f4
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments, GenerationArguments)
 
 class _Parser(HfArgumentParser):
@@ -228,7 +228,7 @@ def known_flags() -> list:
     "Every flag name the parser accepts, without dashes."
     return sorted({o[2:] for a in make_parser()._actions for o in a.option_strings if o.startswith("--")})
 
-# %% ../nbs/00_config.ipynb #44c03be7
+# %% ../nbs/00_config.ipynb #53d33b7c
 def reject_unknown(names, where="command line"):
     "Raise a `ConfigError` naming each unknown flag and the closest known one."
     known = known_flags()
@@ -238,7 +238,7 @@ def reject_unknown(names, where="command line"):
         msgs.append(f"--{n}" + (f" (did you mean --{close[0]}?)" if close else ""))
     require(not msgs, f"Unknown setting(s) on the {where}: {', '.join(msgs)}. `qlora-nb train --help` lists them all.")
 
-# %% ../nbs/00_config.ipynb #17168341
+# %% ../nbs/00_config.ipynb #db7229a7
 def merge_args(model_args, data_args, training_args, generation_args) -> Namespace:
     "One namespace with every field of the four objects, and the objects themselves."
     training_args.generation_config = generation_args.to_generation_config()
@@ -246,7 +246,7 @@ def merge_args(model_args, data_args, training_args, generation_args) -> Namespa
     flat = {f.name: getattr(o, f.name) for o in objs.values() for f in dataclasses.fields(o)}
     return Namespace(**flat, **objs)
 
-# %% ../nbs/00_config.ipynb #df67c5c6
+# %% ../nbs/00_config.ipynb #d04eac0a
 def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
                quiet=False): # do not print notices about old spellings
     "Parse `qlora.py`-compatible flags (and `--config run.yaml`) into one validated namespace."
@@ -274,7 +274,7 @@ def _pop_config(argv):
         if tok.startswith("--config="):
             del argv[i]; return tok.split("=", 1)[1]
 
-# %% ../nbs/00_config.ipynb #906b0330
+# %% ../nbs/00_config.ipynb #15d41550
 def _as_dict(o): return o.to_dict() if hasattr(o, "to_dict") else dataclasses.asdict(o)
 
 # derived, not set: transformers mirrors activation_* into gradient_*; generation_config comes from GenerationArguments
@@ -288,7 +288,7 @@ def _section_values(obj):
         if f.init and f.name not in DERIVED_FIELDS and (f.name in cls.__annotations__ or values[f.name] != defaults[f.name]):
             yield f.name, values[f.name], f.metadata.get("help", "")
 
-# %% ../nbs/00_config.ipynb #5e3c19cb
+# %% ../nbs/00_config.ipynb #74793294
 def to_yaml(args) -> str:
     "The YAML text of a parsed configuration (`parse_args` result)."
     lines = ["# qlora_nb run configuration: qlora-nb train --config THIS_FILE", ""]
@@ -306,13 +306,13 @@ def save_yaml(args, path):
     "Write the configuration to `path` as YAML."
     Path(path).write_text(to_yaml(args)); return Path(path)
 
-# %% ../nbs/00_config.ipynb #0da79af3
+# %% ../nbs/00_config.ipynb #0e56d526
 def read_yaml(path) -> tuple:
     "Settings from a YAML file: (values with transformers 5 names, notices). Unknown keys are errors."
     path = Path(path)
     require(path.is_file(), f"Config file {path} does not exist.")
     try: values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e: raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e: raise ConfigError(f"Config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     require(isinstance(values, dict), f"Config file {path} must hold `name: value` lines, got {type(values).__name__}.")
     legacy = {k for k in values if k in LEGACY_FLAGS}
     new_argv, notices = translate_legacy_flags([a for k in legacy for a in (f"--{k}", str(values[k]))])
