@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 WORK = ROOT/"bench"/"_work"  # git-ignored: data, the larger model, run folders, logs
 RESULTS = ROOT/"bench"/"RESULTS.md"
 MARK_START, MARK_END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
-IGNORE_INDEX = -100
+from qlora_py import IGNORE_INDEX, QloraPyCollator  # bench/qlora_py.py: qlora.py re-created
 
 WHAT_IF = "what-if: qlora-nb --packing + label-only lm_head"
 CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", WHAT_IF]
@@ -159,34 +159,6 @@ class Observer:
 # ---------------------------------------------------------------------------------------------------------------------
 # (a) qlora.py, re-created (transformers 5 names; the CPU device map; no checkpoint saving, as in every config)
 
-class QloraPyCollator:
-    "qlora.py's DataCollatorForCausalLM, verbatim in substance."
-    def __init__(self, tokenizer, source_max_len, target_max_len, train_on_source=False, predict_with_generate=False):
-        self.tokenizer, self.source_max_len, self.target_max_len = tokenizer, source_max_len, target_max_len
-        self.train_on_source, self.predict_with_generate = train_on_source, predict_with_generate
-
-    def __call__(self, instances):
-        import copy, torch
-        from torch.nn.utils.rnn import pad_sequence
-        sources = [f"{self.tokenizer.bos_token}{example['input']}" for example in instances]
-        targets = [f"{example['output']}{self.tokenizer.eos_token}" for example in instances]
-        tokenized_sources_with_prompt = self.tokenizer(sources, max_length=self.source_max_len, truncation=True, add_special_tokens=False)
-        tokenized_targets = self.tokenizer(targets, max_length=self.target_max_len, truncation=True, add_special_tokens=False)
-        input_ids, labels = [], []
-        for tokenized_source, tokenized_target in zip(tokenized_sources_with_prompt['input_ids'], tokenized_targets['input_ids']):
-            if not self.predict_with_generate:
-                input_ids.append(torch.tensor(tokenized_source + tokenized_target))
-                if not self.train_on_source:
-                    labels.append(torch.tensor([IGNORE_INDEX for _ in range(len(tokenized_source))] + copy.deepcopy(tokenized_target)))
-                else:
-                    labels.append(torch.tensor(copy.deepcopy(tokenized_source + tokenized_target)))
-            else:
-                input_ids.append(torch.tensor(tokenized_source))
-        input_ids = pad_sequence(input_ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
-        labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX) if not self.predict_with_generate else None
-        data_dict = {'input_ids': input_ids, 'attention_mask': input_ids.ne(self.tokenizer.pad_token_id)}
-        if labels is not None: data_dict['labels'] = labels
-        return data_dict
 
 
 def qlora_py_bnb_config():
