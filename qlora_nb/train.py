@@ -11,7 +11,7 @@ __all__ = ['CHECKPOINT_RE', 'COMPLETED', 'ADAPTER_DIR', 'STAGING', 'RUN_FILES', 
            'add_callbacks', 'run_training', 'run_evaluation', 'package_versions', 'device_description', 'git_commit',
            'resolved_config', 'run_record', 'write_metrics', 'finish_run', 'train', 'train_main']
 
-# %% ../nbs/08_train.ipynb #0a0c8a38
+# %% ../nbs/08_train.ipynb #738977f7
 import json, os, platform, re, shutil, subprocess, sys, zipfile
 from pathlib import Path
 
@@ -30,12 +30,12 @@ from .data import make_data_module
 from .mmlu import make_mmlu_callback, write_json_atomic
 from .predict import predict_step
 
-# %% ../nbs/08_train.ipynb #f085ff68
+# %% ../nbs/08_train.ipynb #597bc742
 def say(msg: str):
     "Tell the user what the run is doing (stderr, so it never mixes with data written to stdout)."
     print(f"qlora-nb: {msg}", file=sys.stderr, flush=True)
 
-# %% ../nbs/08_train.ipynb #cd572b1f
+# %% ../nbs/08_train.ipynb #8011f69e
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 COMPLETED = "completed"  # qlora.py's marker: the run finished
 ADAPTER_DIR = "adapter_model"  # where the LoRA weights go, in each checkpoint and in output_dir
@@ -53,7 +53,7 @@ def get_last_checkpoint(checkpoint_dir) -> tuple:
     found = list_checkpoints(checkpoint_dir)
     return (found[-1] if found else None), False
 
-# %% ../nbs/08_train.ipynb #6b8ec875
+# %% ../nbs/08_train.ipynb #8f7121a3
 def _json_problem(path) -> str | None:
     try: json.loads(Path(path).read_text()); return None
     except FileNotFoundError: return f"{Path(path).name} is missing"
@@ -71,7 +71,7 @@ def _safetensors_problem(path) -> str | None:
         return None
     except Exception: return f"{Path(path).parent.name}/{Path(path).name} is incomplete or corrupt"
 
-# %% ../nbs/08_train.ipynb #f80eb809
+# %% ../nbs/08_train.ipynb #94f688ff
 def _weights_problems(path) -> list:
     "The adapter of a LoRA checkpoint, or the model weights of a full fine-tuning one."
     adapter = path/ADAPTER_DIR
@@ -89,7 +89,7 @@ def checkpoint_problems(path) -> list:
     problems += [_torch_file_problem(f) for f in rng] if rng else ["rng_state.pth is missing"]
     return [p for p in problems + _weights_problems(path) if p]
 
-# %% ../nbs/08_train.ipynb #a1dd1f78
+# %% ../nbs/08_train.ipynb #45b003b1
 def check_output_dir(output_dir) -> Path:
     "`output_dir` as a Path, after checking a run can be written there; nothing is created."
     d = Path(output_dir)
@@ -102,7 +102,7 @@ def check_output_dir(output_dir) -> Path:
                           "with --output_dir.") from None
     return d
 
-# %% ../nbs/08_train.ipynb #7d7bc8b1
+# %% ../nbs/08_train.ipynb #d7d30c87
 RUN_FILES = [COMPLETED, ADAPTER_DIR, STAGING, "metrics.json", "predictions.jsonl", "trainer_state.json"]
 
 def clear_run(output_dir) -> list:
@@ -119,7 +119,7 @@ def discard_unfinished_writes(output_dir) -> list:
     if staging.exists(): shutil.rmtree(staging)
     return names
 
-# %% ../nbs/08_train.ipynb #6836263d
+# %% ../nbs/08_train.ipynb #b9279c4c
 def check_checkpoint(checkpoint, max_steps: int) -> int:
     "The step `checkpoint` is at, after checking it can be resumed from and is not past `max_steps`."
     problems = checkpoint_problems(checkpoint)
@@ -131,7 +131,7 @@ def check_checkpoint(checkpoint, max_steps: int) -> int:
             f"pass --max_steps {step} or more to continue this run, or --start_over to train from scratch.")
     return step
 
-# %% ../nbs/08_train.ipynb #5a74f97d
+# %% ../nbs/08_train.ipynb #43beee0f
 def find_resume_point(args) -> tuple:
     "(checkpoint to load or None, whether the run is already complete), after every check that makes resuming safe."
     out = check_output_dir(args.output_dir)
@@ -147,7 +147,7 @@ def find_resume_point(args) -> tuple:
     say(f"resuming from {checkpoint} (step {step} of {args.max_steps}).")
     return checkpoint, False
 
-# %% ../nbs/08_train.ipynb #7aaf523d
+# %% ../nbs/08_train.ipynb #ff976345
 class QLoRATrainer(Seq2SeqTrainer):
     "A `Seq2SeqTrainer` whose checkpoints hold `adapter_model/` instead of model weights, and appear atomically."
     _staging = False  # True while a checkpoint is being written into `.incomplete/`
@@ -162,7 +162,7 @@ def _save(self: QLoRATrainer, output_dir=None, state_dict=None):
     if self.processing_class is not None: self.processing_class.save_pretrained(output_dir)
     torch.save(self.args, output_dir/"training_args.bin")
 
-# %% ../nbs/08_train.ipynb #3d1a7db3
+# %% ../nbs/08_train.ipynb #2d045979
 @patch
 def _load_from_checkpoint(self: QLoRATrainer, resume_from_checkpoint, model=None):
     adapter = Path(resume_from_checkpoint)/ADAPTER_DIR
@@ -176,7 +176,7 @@ def _load_best_model(self: QLoRATrainer):
     try: Seq2SeqTrainer._load_best_model(self)
     finally: self.state.best_model_checkpoint = best
 
-# %% ../nbs/08_train.ipynb #c2356520
+# %% ../nbs/08_train.ipynb #334c4595
 def _fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try: os.fsync(fd)
@@ -192,7 +192,7 @@ def publish_checkpoint(staged: Path, final: Path):
     _fsync(final.parent)
     if old.exists(): shutil.rmtree(old)
 
-# %% ../nbs/08_train.ipynb #3ffbf174
+# %% ../nbs/08_train.ipynb #29022ee7
 @patch
 def _get_output_dir(self: QLoRATrainer, trial):
     run_dir = Seq2SeqTrainer._get_output_dir(self, trial)
@@ -215,19 +215,19 @@ def _save_checkpoint(self: QLoRATrainer, model, trial):
     shutil.rmtree(run_dir/STAGING, ignore_errors=True)  # empty now
     rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint)
 
-# %% ../nbs/08_train.ipynb #fabb6f95
+# %% ../nbs/08_train.ipynb #ba629307
 def make_trainer(model, tokenizer, args, data_module: dict) -> QLoRATrainer:
     "The trainer of a run: model, tokenizer, training arguments, train/eval data and collator."
     data = {k: v for k, v in data_module.items() if k != "predict_dataset"}
     return QLoRATrainer(model=model, processing_class=tokenizer, args=args.training_args, **data)
 
-# %% ../nbs/08_train.ipynb #05a3ad7e
+# %% ../nbs/08_train.ipynb #b0f72cb0
 def add_callbacks(trainer, tokenizer, args) -> list:
     "Add the run's callbacks (MMLU evaluation with `--do_mmlu_eval`); returns the trainer's callbacks."
     if args.do_mmlu_eval: trainer.add_callback(make_mmlu_callback(trainer, tokenizer, args))
     return trainer.callback_handler.callbacks
 
-# %% ../nbs/08_train.ipynb #6e17ead0
+# %% ../nbs/08_train.ipynb #29a3bfcc
 def run_training(trainer, checkpoint=None) -> dict:
     "Train (resuming from `checkpoint`), save the final adapter and trainer state; returns the train metrics."
     result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
@@ -236,14 +236,14 @@ def run_training(trainer, checkpoint=None) -> dict:
     trainer.log_metrics("train", result.metrics)
     return result.metrics
 
-# %% ../nbs/08_train.ipynb #cc088af5
+# %% ../nbs/08_train.ipynb #4242afc4
 def run_evaluation(trainer) -> dict:
     "Evaluate on the eval split; returns the eval metrics."
     metrics = trainer.evaluate(metric_key_prefix="eval")
     trainer.log_metrics("eval", metrics)
     return metrics
 
-# %% ../nbs/08_train.ipynb #1bfc1b5a
+# %% ../nbs/08_train.ipynb #0699def3
 VERSIONED = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "qlora_nb"]
 
 def package_versions() -> dict:
@@ -257,7 +257,7 @@ def device_description() -> str:
         return f"cuda: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
-# %% ../nbs/08_train.ipynb #e03fcd26
+# %% ../nbs/08_train.ipynb #ae11ce7f
 def git_commit(folder=None) -> dict | None:
     "{commit, dirty} of the git checkout holding `folder` (default: qlora_nb's source), or None outside one."
     folder = Path(folder or Path(qlora_nb.__file__).parent)
@@ -267,7 +267,7 @@ def git_commit(folder=None) -> dict | None:
     if head.returncode != 0: return None
     return {"commit": head.stdout.strip(), "dirty": bool(git("status", "--porcelain").stdout.strip())}
 
-# %% ../nbs/08_train.ipynb #bf8dbca5
+# %% ../nbs/08_train.ipynb #800a2039
 def resolved_config(args) -> dict:
     "Every setting of the run, defaults included, grouped as the argument classes are; the hub token redacted."
     import dataclasses
@@ -285,7 +285,7 @@ def write_metrics(args, metrics: dict) -> Path:
     "Write `output_dir/metrics.json` (atomically)."
     return write_json_atomic(Path(args.output_dir)/"metrics.json", run_record(args, metrics))
 
-# %% ../nbs/08_train.ipynb #f282a560
+# %% ../nbs/08_train.ipynb #0ef67fa4
 def finish_run(args, metrics: dict):
     "Write `metrics.json` (a run that did not train keeps the training metrics there) and, after training, `completed`."
     path = Path(args.output_dir)/"metrics.json"
@@ -296,7 +296,8 @@ def finish_run(args, metrics: dict):
 def train(argv=None) -> dict | None:
     "`qlora.py`'s `train()`: returns the run's metrics, or None when `output_dir` holds a completed run."
     args = parse_args(argv)
-    checkpoint, completed = find_resume_point(args)
+    with args.training_args.main_process_first(desc="checking output_dir"):  # under torchrun rank 0 tidies it first
+        checkpoint, completed = find_resume_point(args)
     if completed and args.do_train:
         say(f"{args.output_dir} holds a completed run (see its metrics.json); nothing to do. "
             "Pass --start_over to train it again from scratch, or choose another --output_dir."); return None
@@ -310,7 +311,7 @@ def train(argv=None) -> dict | None:
     if args.do_train: metrics |= run_training(trainer, checkpoint)
     if args.do_eval: metrics |= run_evaluation(trainer)
     if args.do_predict: metrics |= predict_step(trainer, data_module["predict_dataset"], args)
-    finish_run(args, metrics)
+    if trainer.is_world_process_zero(): finish_run(args, metrics)  # one writer under torchrun
     return metrics
 
 def train_main(argv=None) -> int:
