@@ -9,7 +9,7 @@ __all__ = ['MMLU_COLORS', 'MMLU_CURVE', 'CURVE_PANELS', 'byte_unit', 'count_labe
            'plot_mmlu_per_subject', 'training_series', 'curve_label', 'plot_training_curves', 'latest_checkpoint',
            'read_trainer_state', 'read_mmlu_results', 'read_run']
 
-# %% ../nbs/11_plots.ipynb #ce83ee5a
+# %% ../nbs/11_plots.ipynb #9f055ffa
 import json, math, re
 from pathlib import Path
 
@@ -18,28 +18,28 @@ import numpy as np
 
 from .config import ConfigError, require
 
-# %% ../nbs/11_plots.ipynb #26353eb0
+# %% ../nbs/11_plots.ipynb #6b60c340
 def byte_unit(largest: float) -> tuple:
     "(divisor, name) of the binary unit that suits values up to `largest` bytes."
     for power, name in enumerate(["B", "KiB", "MiB", "GiB"]):
         if largest < 1024 ** (power + 1): return 1024 ** power, name
     return 1024 ** 4, "TiB"
 
-# %% ../nbs/11_plots.ipynb #54a8a0c5
+# %% ../nbs/11_plots.ipynb #72d333f5
 def count_label(n: float) -> str:
     "A parameter count as 950, 12.3K, 4.5M or 6.7B."
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div: return f"{n / div:.3g}{suffix}"
     return f"{n:.0f}"
 
-# %% ../nbs/11_plots.ipynb #0b1bc2e2
+# %% ../nbs/11_plots.ipynb #0c6b3920
 def _check_rows(rows, keys, what):
     require(isinstance(rows, (list, tuple)) and len(rows) > 0, f"{what}: expected a non-empty list of rows, got {type(rows).__name__}.")
     for r in rows:
         missing = [k for k in keys if k not in r]
         require(not missing, f"{what}: a row lacks {', '.join(missing)} (expected dicts with {', '.join(keys)}): {r!r}")
 
-# %% ../nbs/11_plots.ipynb #6e2e88e4
+# %% ../nbs/11_plots.ipynb #88415a93
 def plot_dtypes(rows: list, # `qlora_nb.lora.dtype_table(model)`: dicts with dtype, params, bytes
                 title: str = "Parameters and memory per storage type"):
     "Two bar charts, parameters and bytes per dtype; returns (fig, data)."
@@ -55,7 +55,7 @@ def plot_dtypes(rows: list, # `qlora_nb.lora.dtype_table(model)`: dicts with dty
     fig.suptitle(title)
     return fig, data
 
-# %% ../nbs/11_plots.ipynb #c9be6e86
+# %% ../nbs/11_plots.ipynb #eafa5cb7
 def plot_trainable_by_module(counts: dict, # `qlora_nb.lora.parameters_by_module_type(model)`
                              title: str = "Trainable and frozen parameters per module type"):
     "Horizontal bars, trainable next to frozen, per module type on a log scale; returns (fig, data)."
@@ -72,13 +72,13 @@ def plot_trainable_by_module(counts: dict, # `qlora_nb.lora.parameters_by_module
     ax.invert_yaxis(); ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig, data
 
-# %% ../nbs/11_plots.ipynb #377b40fc
+# %% ../nbs/11_plots.ipynb #05a8c471
 def _check_mmlu(results, what):
     require(isinstance(results, dict), f"{what}: expected an MMLU results dict (mmlu_*.json), got {type(results).__name__}.")
     missing = [k for k in ("accuracy", "macro_accuracy", "per_subject") if k not in results]
     require(not missing, f"{what}: not an MMLU results dict (mmlu_*.json): it lacks {', '.join(missing)}.")
 
-# %% ../nbs/11_plots.ipynb #c57e50c1
+# %% ../nbs/11_plots.ipynb #9ac0df82
 def _mmlu_data(runs: dict) -> dict:
     "Per-subject accuracy of each run (NaN where a run lacks a subject), sorted by the last run's accuracy."
     subjects = sorted({s for r in runs.values() for s in r["per_subject"]})
@@ -89,7 +89,7 @@ def _mmlu_data(runs: dict) -> dict:
                 accuracy={k: [v[i] for i in order] for k, v in acc.items()},
                 micro={k: r["accuracy"] for k, r in runs.items()}, macro={k: r["macro_accuracy"] for k, r in runs.items()})
 
-# %% ../nbs/11_plots.ipynb #41a6b0d8
+# %% ../nbs/11_plots.ipynb #6a0bde5e
 MMLU_COLORS = ["#8c8c8c", "#4c72b0"]
 
 def plot_mmlu_per_subject(results: dict, # MMLU results (`mmlu_eval.json`)
@@ -101,7 +101,7 @@ def plot_mmlu_per_subject(results: dict, # MMLU results (`mmlu_eval.json`)
     if other is not None: _check_mmlu(other, labels[1])
     runs = {labels[0]: results} if other is None else {labels[0]: results, labels[1]: other}
     data = _mmlu_data(runs)
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(data["subjects"]) * len(runs) + 1.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(data["subjects"]) * len(runs) + 2.2), layout="constrained")
     y, height = np.arange(len(data["subjects"])), 0.8 / len(runs)
     for i, (name, color) in enumerate(zip(runs, MMLU_COLORS[-len(runs):])):
         ax.barh(y + (i - (len(runs) - 1) / 2) * height, data["accuracy"][name], height=height, color=color, label=name)
@@ -109,10 +109,10 @@ def plot_mmlu_per_subject(results: dict, # MMLU results (`mmlu_eval.json`)
         ax.axvline(data["macro"][name], color=color, ls="--", lw=1.5, label=f"{name}: macro mean {data['macro'][name]:.3f}")
     ax.set(yticks=y, yticklabels=[f"{s} ({n})" for s, n in zip(data["subjects"], data["n"])], xlim=(0, 1),
            xlabel="accuracy", ylabel="subject (questions)", title=title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(y) < 8 else -0.03), ncol=2, fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars: clear of the axis label
     return fig, data
 
-# %% ../nbs/11_plots.ipynb #fc6d5000
+# %% ../nbs/11_plots.ipynb #a1b5f2fb
 MMLU_CURVE = re.compile(r"^mmlu_[a-z]+_(macro_)?accuracy$")  # the means, not the per-subject entries
 
 def training_series(state: dict) -> dict:
@@ -127,13 +127,13 @@ def training_series(state: dict) -> dict:
                 steps.append(entry.get("step")); values.append(value)
     return series
 
-# %% ../nbs/11_plots.ipynb #76ee3c53
+# %% ../nbs/11_plots.ipynb #efab7a9e
 def curve_label(key: str) -> str:
     "A legend label for a log-history key: 'training loss', 'MMLU eval accuracy (macro)', ..."
     if m := re.match(r"^mmlu_([a-z]+)_(macro_)?accuracy$", key): return f"MMLU {m.group(1)} accuracy ({'macro' if m.group(2) else 'micro'})"
     return {"loss": "training loss", "eval_loss": "eval loss", "learning_rate": "learning rate"}.get(key, key)
 
-# %% ../nbs/11_plots.ipynb #26dc0655
+# %% ../nbs/11_plots.ipynb #c20f89fa
 CURVE_PANELS = [("loss", ["loss", "eval_loss"]), ("learning rate", ["learning_rate"]), ("MMLU accuracy", None)]
 
 def plot_training_curves(state: dict, # the dict of a trainer_state.json (`read_trainer_state`)
@@ -152,18 +152,18 @@ def plot_training_curves(state: dict, # the dict of a trainer_state.json (`read_
     fig.suptitle(title)
     return fig, data
 
-# %% ../nbs/11_plots.ipynb #b1c04814
+# %% ../nbs/11_plots.ipynb #9eaedb4c
 def _read_json(path: Path, what: str) -> dict:
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ConfigError(f"{path} is not valid JSON ({e}): was the {what} cut short?") from None
 
-# %% ../nbs/11_plots.ipynb #df4f2b8f
+# %% ../nbs/11_plots.ipynb #fc681463
 def latest_checkpoint(run_dir) -> Path | None:
     "The `checkpoint-N` folder of `run_dir` with the largest N, or None."
     found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
     return max(found)[1] if found else None
 
-# %% ../nbs/11_plots.ipynb #40d6803a
+# %% ../nbs/11_plots.ipynb #b116708e
 def read_trainer_state(run_dir) -> dict:
     "The final `trainer_state.json` of a run folder, or the latest checkpoint's."
     run_dir = Path(run_dir)
@@ -173,7 +173,7 @@ def read_trainer_state(run_dir) -> dict:
         if path.is_file(): return _read_json(path, "trainer state")
     raise ConfigError(f"No trainer_state.json in {run_dir} or its checkpoint-N folders: is it a training output folder?")
 
-# %% ../nbs/11_plots.ipynb #fbba0883
+# %% ../nbs/11_plots.ipynb #e6147cb0
 def read_mmlu_results(path, # an mmlu_{split}.json file, or the run folder holding it
                       split: str = "eval") -> dict: # which file to read from a folder
     "MMLU results written by `qlora_nb.mmlu`, checked to be results."
@@ -187,7 +187,7 @@ def read_mmlu_results(path, # an mmlu_{split}.json file, or the run folder holdi
     _check_mmlu(results, str(path))
     return results
 
-# %% ../nbs/11_plots.ipynb #0e1c25c0
+# %% ../nbs/11_plots.ipynb #76487577
 def read_run(run_dir) -> dict:
     "`dict(state=trainer state or None, mmlu={split: results})` of a run folder; at least one must be there."
     run_dir = Path(run_dir)
