@@ -13,7 +13,7 @@ __all__ = ['FUSED_QKV_MODELS', 'MEMORY_SETTINGS', 'MEMORY_LABELS', 'COMMON_INHER
            'field_choices', 'FormField', 'form_fields', 'tab_of', 'described', 'widget_for', 'field_value',
            'shown_value', 'arg_value', 'cli_tokens', 'default_arg_values', 'args_values', 'ConfigForm']
 
-# %% ../nbs/10_widgets.ipynb #a437acba
+# %% ../nbs/10_widgets.ipynb #ca121753
 import dataclasses, enum, html, json, math, shlex, typing, warnings
 from argparse import ArgumentTypeError
 from functools import lru_cache
@@ -30,7 +30,7 @@ from transformers.training_args import OptimizerNames
 from .config import (ARG_CLASSES, DATASET_NAMES, ConfigError, DERIVED_FIELDS, DataArguments, GenerationArguments,
                              ModelArguments, TrainingArguments, parse_args, read_yaml, require, save_yaml, to_yaml)
 
-# %% ../nbs/10_widgets.ipynb #a860601c
+# %% ../nbs/10_widgets.ipynb #bd500e76
 FUSED_QKV_MODELS = {"gpt_neox"}  # one query_key_value matrix, a two-matrix MLP, LayerNorm and linear biases
 
 def model_sizes(config) -> SimpleNamespace:
@@ -44,7 +44,7 @@ def model_sizes(config) -> SimpleNamespace:
                            layers=config.num_hidden_layers, vocab=config.vocab_size,
                            fused=config.model_type in FUSED_QKV_MODELS, tied=bool(getattr(config, "tie_word_embeddings", False)))
 
-# %% ../nbs/10_widgets.ipynb #a5321fa4
+# %% ../nbs/10_widgets.ipynb #27c45745
 def linear_layer_shapes(config) -> dict:
     "The linear layers of one decoder block: name -> (in_features, out_features)."
     s = model_sizes(config)
@@ -54,7 +54,7 @@ def linear_layer_shapes(config) -> dict:
     return {"q_proj": (h, q), "k_proj": (h, s.kv_dim), "v_proj": (h, s.kv_dim), "o_proj": (q, h),
             "gate_proj": (h, s.inter), "up_proj": (h, s.inter), "down_proj": (s.inter, h)}
 
-# %% ../nbs/10_widgets.ipynb #64155849
+# %% ../nbs/10_widgets.ipynb #d85f6515
 def _bias_count(config, shapes) -> int:
     "Bias parameters of one block: all linear layers for GPT-NeoX, Llama's `attention_bias` / `mlp_bias` flags."
     if model_sizes(config).fused: return sum(o for _, o in shapes.values())
@@ -62,7 +62,7 @@ def _bias_count(config, shapes) -> int:
     mlp = getattr(config, "mlp_bias", False) and sum(shapes[k][1] for k in ("gate_proj", "up_proj", "down_proj"))
     return int(attn or 0) + int(mlp or 0)
 
-# %% ../nbs/10_widgets.ipynb #608e22a5
+# %% ../nbs/10_widgets.ipynb #cd9d4f2e
 def count_parameters_from_config(config) -> dict:
     "Parameters by kind — linear (the blocks' linear layers), embeddings, lm_head, norms, biases — from the config alone."
     s, shapes = model_sizes(config), linear_layer_shapes(config)
@@ -71,7 +71,7 @@ def count_parameters_from_config(config) -> dict:
                 norms=(2 * s.layers + 1) * s.hidden * (2 if s.fused else 1),  # RMSNorm: weight; LayerNorm: weight + bias
                 biases=s.layers * _bias_count(config, shapes))
 
-# %% ../nbs/10_widgets.ipynb #22d74898
+# %% ../nbs/10_widgets.ipynb #187c02aa
 def bits_per_parameter(bits: int = 4, # 4, 8, 16 or 32 bits per base-model weight
                        double_quant: bool = True, # quantize the 4-bit block scales too
                        blocksize: int = 64, # weights per 4-bit block (bitsandbytes' default)
@@ -80,7 +80,7 @@ def bits_per_parameter(bits: int = 4, # 4, 8, 16 or 32 bits per base-model weigh
     if bits != 4: return float(bits)  # 8-bit's one fp32 scale per row is negligible for a large layer
     return 4 + (8 / blocksize + 32 / (blocksize * nested_blocksize) if double_quant else 32 / blocksize)
 
-# %% ../nbs/10_widgets.ipynb #11fa7890
+# %% ../nbs/10_widgets.ipynb #bd68a23c
 def quantized_linear_bytes(n_in: int, n_out: int, # the layer's shape
                            bits: int = 4, double_quant: bool = True, blocksize: int = 64, nested_blocksize: int = 256) -> int:
     "Exact bytes bitsandbytes stores for one linear layer's weight: packed values plus the quantization state."
@@ -92,12 +92,12 @@ def quantized_linear_bytes(n_in: int, n_out: int, # the layer's shape
     nested = 4 * math.ceil(blocks / nested_blocksize) + 4 + 256 * 4  # fp32 scale per 256 blocks, offset, 8-bit code table
     return math.ceil(n / 2) + blocks + nested + code_book
 
-# %% ../nbs/10_widgets.ipynb #dc06ce11
+# %% ../nbs/10_widgets.ipynb #a08905e1
 def lora_parameter_count(config, lora_r: int) -> int:
     "Parameters of rank-`lora_r` LoRA adapters on every linear layer of every block."
     return model_sizes(config).layers * sum(lora_r * (i + o) for i, o in linear_layer_shapes(config).values())
 
-# %% ../nbs/10_widgets.ipynb #780f2210
+# %% ../nbs/10_widgets.ipynb #78f1f2ef
 def optimizer_state_bytes(optim: str = "paged_adamw_32bit", # a transformers `optim` name
                           adam8bit: bool = False) -> float: # qlora.py's --adam8bit
     "Bytes of optimizer state per trained parameter."
@@ -108,7 +108,7 @@ def optimizer_state_bytes(optim: str = "paged_adamw_32bit", # a transformers `op
     else: states = 2                                                         # Adam's first and second moments
     return states * (1 if adam8bit or "8bit" in name else 0.5 if "4bit" in name else 4)
 
-# %% ../nbs/10_widgets.ipynb #239661a9
+# %% ../nbs/10_widgets.ipynb #a864930e
 def activation_bytes(config, batch: int, seq: int, # micro-batch size and padded sequence length
                      act_bytes: int = 2, # bytes per activation value: 2 (bf16/fp16) or 4 (fp32)
                      lora_r: int = 0, # LoRA rank (its adapters keep an r-sized output each)
@@ -120,7 +120,7 @@ def activation_bytes(config, batch: int, seq: int, # micro-batch size and padded
     blocks = s.layers * batch * seq * s.hidden * act_bytes + one_block if checkpointing else s.layers * one_block
     return dict(activations=blocks, logits=batch * seq * s.vocab * 4)
 
-# %% ../nbs/10_widgets.ipynb #0002aaec
+# %% ../nbs/10_widgets.ipynb #3a2e2450
 MEMORY_SETTINGS = ("bits", "double_quant", "lora_r", "full_finetune", "per_device_train_batch_size", "source_max_len",
                    "target_max_len", "activation_checkpointing", "optim", "adam8bit", "bf16", "fp16")
 
@@ -131,7 +131,7 @@ def memory_settings(args) -> SimpleNamespace:
     require(not missing, f"The memory estimate needs {', '.join(missing)}: pass a parse_args namespace or ConfigForm values.")
     return SimpleNamespace(**{k: get(k, None) for k in MEMORY_SETTINGS})
 
-# %% ../nbs/10_widgets.ipynb #5a45d138
+# %% ../nbs/10_widgets.ipynb #4a387eb2
 def weight_bytes(config, s) -> dict:
     "Bytes of the frozen base model: the blocks' linear layers at `s.bits`, the rest in the model dtype."
     n, layers = count_parameters_from_config(config), model_sizes(config).layers
@@ -140,7 +140,7 @@ def weight_bytes(config, s) -> dict:
     return dict(linear_weights=layers * per_block,
                 other_weights=model_dtype * (n["embeddings"] + n["lm_head"] + n["biases"]) + 4 * n["norms"])
 
-# %% ../nbs/10_widgets.ipynb #20f8e770
+# %% ../nbs/10_widgets.ipynb #25bf6657
 def training_state_bytes(config, s) -> dict:
     "Bytes of what is trained: LoRA weights (every weight with full_finetune), their gradients, optimizer states."
     if s.full_finetune: trained, dtype = sum(count_parameters_from_config(config).values()), s.bits // 8
@@ -148,7 +148,7 @@ def training_state_bytes(config, s) -> dict:
     return dict(lora_weights=0 if s.full_finetune else trained * dtype, gradients=trained * dtype,
                 optimizer_states=int(trained * optimizer_state_bytes(s.optim, s.adam8bit)))
 
-# %% ../nbs/10_widgets.ipynb #f302f9ea
+# %% ../nbs/10_widgets.ipynb #9421e2a1
 @lru_cache(maxsize=64)
 def _read_config(name, token, trust_remote_code, local_files_only):
     try: return AutoConfig.from_pretrained(name, token=token, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
@@ -156,7 +156,7 @@ def _read_config(name, token, trust_remote_code, local_files_only):
         where = "on this machine (a model folder or the hub cache)" if local_files_only else "locally or on the hub"
         return ConfigError(f"Cannot read the config of {name!r} {where}: {str(e).splitlines()[0]}")
 
-# %% ../nbs/10_widgets.ipynb #d5845dcf
+# %% ../nbs/10_widgets.ipynb #7ccfa78d
 def load_model_config(name_or_path, # a hub id or a local model folder
                       token=None, trust_remote_code=False, # as for `from_pretrained`
                       local_files_only: bool = False): # never go online
@@ -165,7 +165,7 @@ def load_model_config(name_or_path, # a hub id or a local model folder
     if isinstance(config, ConfigError): raise config
     return config
 
-# %% ../nbs/10_widgets.ipynb #40157982
+# %% ../nbs/10_widgets.ipynb #b4c9a84d
 def estimate_memory(model_config, # a model config, or a hub id / local folder to read one from
                     args) -> dict: # the run's settings: a parse_args namespace, ConfigForm values or a dict
     "Estimated bytes per component of a training run: weights, LoRA, gradients, optimizer states, activations, logits."
@@ -175,7 +175,7 @@ def estimate_memory(model_config, # a model config, or a hub id / local folder t
                            2 if s.bf16 or s.fp16 else 4, 0 if s.full_finetune else s.lora_r, s.activation_checkpointing)
     return {**weight_bytes(config, s), **training_state_bytes(config, s), **act}
 
-# %% ../nbs/10_widgets.ipynb #a6ce3dc6
+# %% ../nbs/10_widgets.ipynb #ab6f1236
 MEMORY_LABELS = {"linear_weights": "base model: linear layers", "other_weights": "base model: embeddings, lm_head, norms",
                  "lora_weights": "LoRA adapters", "gradients": "gradients", "optimizer_states": "optimizer states",
                  "activations": "activations", "logits": "logits (fp32, for the loss)"}
@@ -187,7 +187,7 @@ def format_bytes(n: float) -> str:
         n /= 1024
     return f"{n:.2f} TiB"
 
-# %% ../nbs/10_widgets.ipynb #ada38863
+# %% ../nbs/10_widgets.ipynb #62ca8e24
 def memory_table_html(estimate: dict, # `estimate_memory`'s result
                       note: str = "") -> str: # a line under the table (the settings it is for)
     "An HTML table of the estimate: one row and bar per component, and the total."
@@ -198,7 +198,7 @@ def memory_table_html(estimate: dict, # `estimate_memory`'s result
     foot = f"<tr><td><b>total</b></td><td style='text-align:right'><b>{format_bytes(sum(estimate.values()))}</b></td><td></td></tr>"
     return f"<table style='font-size:0.9em'>{rows}{foot}</table><div style='color:#666;font-size:0.8em'>{html.escape(note)}</div>"
 
-# %% ../nbs/10_widgets.ipynb #9079032f
+# %% ../nbs/10_widgets.ipynb #f063ffe0
 COMMON_INHERITED = ["seed", "do_eval", "do_predict", "eval_strategy", "eval_steps", "per_device_eval_batch_size",
                     "predict_with_generate", "bf16", "fp16", "use_cpu", "num_train_epochs"]
 
@@ -207,7 +207,7 @@ def shown_field_names(cls) -> list:
     ours = {n for k in cls.__mro__ if not k.__module__.startswith("transformers") for n in k.__dict__.get("__annotations__", {})}
     return [f.name for f in dataclasses.fields(cls) if f.init and (f.name in ours or f.name in COMMON_INHERITED)]
 
-# %% ../nbs/10_widgets.ipynb #8aab2c4a
+# %% ../nbs/10_widgets.ipynb #6254889f
 EXTRA_CHOICES = {"optim": [o.value for o in OptimizerNames], "lr_scheduler_type": [s.value for s in SchedulerType],
                  "save_strategy": [s.value for s in SaveStrategy]}
 SUGGESTIONS = {"dataset": DATASET_NAMES}  # a dropdown that also takes free text (a local file)
@@ -219,13 +219,13 @@ def field_choices(f: dataclasses.Field, hint) -> list | None:
     enum_type = next((t for t in typing.get_args(hint) or (hint,) if isinstance(t, type) and issubclass(t, enum.Enum)), None)
     return [e.value for e in enum_type] if enum_type else None
 
-# %% ../nbs/10_widgets.ipynb #6355256d
+# %% ../nbs/10_widgets.ipynb #bb44788a
 @dataclasses.dataclass
 class FormField:
     "One setting of the form, as its dataclass defines it."
     name: str; cls: type; type: object; default: object; help: str; choices: list | None
 
-# %% ../nbs/10_widgets.ipynb #b7277cc7
+# %% ../nbs/10_widgets.ipynb #46a1c508
 def form_fields(classes=ARG_CLASSES) -> list:
     "A `FormField` for every setting the form shows, in the dataclasses' order."
     out = []
@@ -238,7 +238,7 @@ def form_fields(classes=ARG_CLASSES) -> list:
                                  f.metadata.get("help", ""), field_choices(f, hints[name])))
     return out
 
-# %% ../nbs/10_widgets.ipynb #a7b77e9c
+# %% ../nbs/10_widgets.ipynb #c1ad3e96
 TABS = ["Model & quantization", "LoRA", "Data", "Training", "Evaluation", "Generation"]
 CLASS_TABS = {ModelArguments: "Model & quantization", DataArguments: "Data", TrainingArguments: "Training",
               GenerationArguments: "Generation"}
@@ -252,7 +252,7 @@ def tab_of(f: FormField) -> str:
     if "mmlu" in f.name or f.name in EVAL_FIELDS: return "Evaluation"
     return next((tab for c, tab in CLASS_TABS.items() if issubclass(f.cls, c)), "Training")
 
-# %% ../nbs/10_widgets.ipynb #a1ade448
+# %% ../nbs/10_widgets.ipynb #70c90da1
 NUMBER_BOUNDS = {"lora_dropout": (0, 1), "top_p": (0, 1), "typical_p": (0, 1), "num_beams": (1, 1024), "num_beam_groups": (1, 1024)}
 _MAX = 2**31 - 1
 
@@ -262,7 +262,7 @@ def _base_type(hint):
     rest = [a for a in typing.get_args(hint) if a is not type(None)]
     return rest[0] if _optional(hint) and len(rest) == 1 else hint
 
-# %% ../nbs/10_widgets.ipynb #53f48f62
+# %% ../nbs/10_widgets.ipynb #da24077f
 def described(f: FormField) -> dict:
     "A widget's label: the field's name, its help on hover."
     # ipywidgets 8 shows `tooltip` only on number boxes when a description is set (checkboxes, dropdowns and text
@@ -270,7 +270,7 @@ def described(f: FormField) -> dict:
     name = f"<span title='{html.escape(f.help)}'>{html.escape(f.name)}</span>" if f.help else html.escape(f.name)
     return dict(description=name, description_allow_html=True, tooltip=f.help)
 
-# %% ../nbs/10_widgets.ipynb #84e0dcd7
+# %% ../nbs/10_widgets.ipynb #0fbf8993
 def widget_for(f: FormField) -> widgets.ValueWidget:
     "The widget `f`'s type calls for, labelled with its name, its help on hover."
     kw = dict(**described(f), style={"description_width": "200px"}, layout=widgets.Layout(width="420px"))
@@ -283,7 +283,7 @@ def widget_for(f: FormField) -> widgets.ValueWidget:
     if base is float and not _optional(f.type): return widgets.BoundedFloatText(min=lo, max=hi, step=None, **kw)
     return widgets.Text(placeholder="unset" if _optional(f.type) else "", continuous_update=False, **kw)
 
-# %% ../nbs/10_widgets.ipynb #b478b250
+# %% ../nbs/10_widgets.ipynb #7eae676f
 def field_value(f: FormField, raw):
     "The value a widget's content stands for: None for an empty optional box, numbers and booleans parsed from text."
     if not isinstance(raw, str): return raw
@@ -298,13 +298,13 @@ def field_value(f: FormField, raw):
     except ValueError: raise ConfigError(f"{f.name}: {text!r} is not {'a whole number' if base is int else 'a number'}; "
                                          "leave it empty to unset it.") from None
 
-# %% ../nbs/10_widgets.ipynb #1b366e77
+# %% ../nbs/10_widgets.ipynb #5b83a291
 def shown_value(widget, value):
     "What `widget` shows for `value`: text in a text box (empty for None), the value itself elsewhere."
     if isinstance(widget, widgets.Text): return "" if value is None else str(value)
     return value
 
-# %% ../nbs/10_widgets.ipynb #79e5423c
+# %% ../nbs/10_widgets.ipynb #38a15062
 # DERIVED_FIELDS (from config) are set from other fields, never passed by hand: transformers mirrors
 # activation_checkpointing* into the deprecated gradient_checkpointing*; generation_config comes from the generation settings
 def arg_value(name: str, v):
@@ -313,7 +313,7 @@ def arg_value(name: str, v):
     if name == "report_to" and isinstance(v, list): return ",".join(v) or "none"
     return v
 
-# %% ../nbs/10_widgets.ipynb #6c1be5bd
+# %% ../nbs/10_widgets.ipynb #f1fd4d04
 def cli_tokens(name: str, value) -> list:
     "The command-line tokens that set `name` to `value`."
     if value is True: return [f"--{name}"]
@@ -321,7 +321,7 @@ def cli_tokens(name: str, value) -> list:
     if isinstance(value, (list, tuple)): return [f"--{name}", *map(str, value)]
     return [f"--{name}", json.dumps(value) if isinstance(value, dict) else str(value)]
 
-# %% ../nbs/10_widgets.ipynb #023fd646
+# %% ../nbs/10_widgets.ipynb #80adac9d
 @lru_cache(maxsize=1)
 def default_arg_values() -> dict:
     "Every setting's value when no flag is given, as the form holds it."
@@ -330,13 +330,13 @@ def default_arg_values() -> dict:
         args = parse_args([], quiet=True)
     return args_values(args)
 
-# %% ../nbs/10_widgets.ipynb #c3d2ae23
+# %% ../nbs/10_widgets.ipynb #3359125c
 def args_values(args) -> dict:
     "Every setting of a `parse_args` namespace, by name, normalised with `arg_value`."
     objs = (args.model_args, args.data_args, args.training_args, args.generation_args)
     return {f.name: arg_value(f.name, getattr(o, f.name)) for o in objs for f in dataclasses.fields(o) if f.init}
 
-# %% ../nbs/10_widgets.ipynb #39029dba
+# %% ../nbs/10_widgets.ipynb #cfa1d9cb
 class ConfigForm:
     "An ipywidgets form for every QLoRA setting, generated from the argument dataclasses."
     def __init__(self, args=None, # a `parse_args` namespace to show (default: the defaults)
@@ -353,7 +353,7 @@ class ConfigForm:
         if args is None: self.set_values(self.defaults)
         else: self.set_args(args)
 
-# %% ../nbs/10_widgets.ipynb #d46d6c76
+# %% ../nbs/10_widgets.ipynb #4bb5e495
 @patch
 def _build(self: ConfigForm):
     by_tab = {t: [] for t in TABS}
@@ -373,17 +373,17 @@ def _build(self: ConfigForm):
     self.box = widgets.VBox([widgets.HBox([self.tabs, estimate], layout=widgets.Layout(flex_flow="row wrap")),
                              self.message, self.command, widgets.HBox([self.train_button, self.status]), self.output])
 
-# %% ../nbs/10_widgets.ipynb #332733cb
+# %% ../nbs/10_widgets.ipynb #dd6edba9
 @patch
 def _repr_mimebundle_(self: ConfigForm, **kwargs): return self.box._repr_mimebundle_(**kwargs)
 
-# %% ../nbs/10_widgets.ipynb #2da3fc5b
+# %% ../nbs/10_widgets.ipynb #2c83a9d5
 @patch(as_prop=True)
 def values(self: ConfigForm) -> dict:
     "The shown settings, by name, as the fields' types (raises ConfigError for text that is not a number)."
     return {n: field_value(f, self.widgets[n].value) for n, f in self.fields.items()}
 
-# %% ../nbs/10_widgets.ipynb #6b108452
+# %% ../nbs/10_widgets.ipynb #13385a76
 @patch
 def set_values(self: ConfigForm, values: dict):
     "Show `values` (by name) in the widgets, then re-check."
@@ -398,20 +398,20 @@ def set_values(self: ConfigForm, values: dict):
     finally: self._quiet = False
     self.refresh()
 
-# %% ../nbs/10_widgets.ipynb #50e73611
+# %% ../nbs/10_widgets.ipynb #7dc2c7c0
 @patch
 def to_cli_argv(self: ConfigForm) -> list:
     "The flags that reproduce the form's settings: those that differ from the defaults, and the hidden ones."
     changed = {n: v for n, v in self.values.items() if v != self.defaults[n]}
     return [tok for n, v in {**self.hidden, **changed}.items() for tok in cli_tokens(n, v)]
 
-# %% ../nbs/10_widgets.ipynb #499da9b9
+# %% ../nbs/10_widgets.ipynb #a43fceac
 @patch
 def to_cli(self: ConfigForm) -> str:
     "The `qlora-nb train ...` command line of the form's settings, shell-quoted."
     return " ".join(["qlora-nb train", *map(shlex.quote, self.to_cli_argv())])
 
-# %% ../nbs/10_widgets.ipynb #d3249e98
+# %% ../nbs/10_widgets.ipynb #50852df3
 @patch
 def to_args(self: ConfigForm):
     "The `parse_args` namespace of the form's settings, validated as the command line is."
@@ -419,13 +419,13 @@ def to_args(self: ConfigForm):
         warnings.simplefilter("ignore")  # transformers' deprecation notices, once per change, would drown the form
         return parse_args(self.to_cli_argv(), quiet=True)
 
-# %% ../nbs/10_widgets.ipynb #d42ee49f
+# %% ../nbs/10_widgets.ipynb #020b93c5
 @patch
 def set_args(self: ConfigForm, args):
     "Show the settings of a `parse_args` namespace."
     self._set_all(args_values(args))
 
-# %% ../nbs/10_widgets.ipynb #503db611
+# %% ../nbs/10_widgets.ipynb #780db8a7
 @patch
 def _set_all(self: ConfigForm, values: dict):
     reference = default_arg_values()
@@ -433,25 +433,25 @@ def _set_all(self: ConfigForm, values: dict):
                    if n not in self.fields and n not in DERIVED_FIELDS and v != reference.get(n)}
     self.set_values({**self.defaults, **{n: v for n, v in values.items() if n in self.fields}})
 
-# %% ../nbs/10_widgets.ipynb #52bf5b40
+# %% ../nbs/10_widgets.ipynb #89d8f203
 @patch(cls_method=True)
 def from_args(cls: ConfigForm, args, **kwargs) -> ConfigForm:
     "A form showing the settings of a `parse_args` namespace."
     return cls(args=args, **kwargs)
 
-# %% ../nbs/10_widgets.ipynb #c44aac53
+# %% ../nbs/10_widgets.ipynb #de8a6ad2
 @patch
 def to_yaml(self: ConfigForm) -> str:
     "The YAML text of the form's settings (`qlora-nb train --config FILE`)."
     return to_yaml(self.to_args())
 
-# %% ../nbs/10_widgets.ipynb #01939ec2
+# %% ../nbs/10_widgets.ipynb #0200b41f
 @patch
 def save_yaml(self: ConfigForm, path) -> Path:
     "Write the form's settings to a YAML file."
     return save_yaml(self.to_args(), path)
 
-# %% ../nbs/10_widgets.ipynb #6e2c2b43
+# %% ../nbs/10_widgets.ipynb #a99e2fd5
 @patch
 def load_yaml(self: ConfigForm, path):
     "Show the settings of a YAML file; those it does not name take their defaults."
@@ -459,14 +459,14 @@ def load_yaml(self: ConfigForm, path):
     self._set_all({n: arg_value(n, v) for n, v in values.items()})
     return notices
 
-# %% ../nbs/10_widgets.ipynb #051d0131
+# %% ../nbs/10_widgets.ipynb #37b69d42
 @patch
 def validate(self: ConfigForm) -> str | None:
     "What is wrong with the settings, in words, or None."
     try: self.to_args()
     except ValueError as e: return str(e)  # ConfigError, and argparse/transformers' own ValueErrors
 
-# %% ../nbs/10_widgets.ipynb #a28c3690
+# %% ../nbs/10_widgets.ipynb #3931c084
 @patch
 def refresh(self: ConfigForm):
     "Re-check the settings; update the message, the command line, the Train button and the memory estimate."
@@ -479,7 +479,7 @@ def refresh(self: ConfigForm):
     self.train_button.disabled = self.error is not None
     self.update_estimate()
 
-# %% ../nbs/10_widgets.ipynb #a7dd4a91
+# %% ../nbs/10_widgets.ipynb #76e2149c
 @patch
 def _show_derived(self: ConfigForm, args):
     parsed, current = args_values(args), self.values
@@ -490,14 +490,14 @@ def _show_derived(self: ConfigForm, args):
     finally: self._quiet = False
     self.status.value = "" if not derived else "set by transformers: " + html.escape(", ".join(f"{n}={v}" for n, v in derived.items()))
 
-# %% ../nbs/10_widgets.ipynb #6a05c322
+# %% ../nbs/10_widgets.ipynb #c5edc193
 @patch
 def _model_config(self: ConfigForm, values):
     name = values["model_name_or_path"]
     return self.model_config or self.fetched.get(name) or load_model_config(
         name, values.get("token"), values.get("trust_remote_code", False), local_files_only=True)
 
-# %% ../nbs/10_widgets.ipynb #f25abe04
+# %% ../nbs/10_widgets.ipynb #ee658661
 @patch
 def fetch_config(self: ConfigForm, _=None):
     "Read the model's config from the hub (config.json only) and update the estimate."
@@ -506,7 +506,7 @@ def fetch_config(self: ConfigForm, _=None):
     except ConfigError as e: self.memory.value = f"<i>{html.escape(str(e))}</i>"; return
     self.update_estimate()
 
-# %% ../nbs/10_widgets.ipynb #9746cbfc
+# %% ../nbs/10_widgets.ipynb #46ec1e1e
 @patch
 def update_estimate(self: ConfigForm):
     "Recompute `self.estimate` and its table from the current settings."
@@ -523,7 +523,7 @@ def update_estimate(self: ConfigForm):
             f"checkpointing {'on' if values['activation_checkpointing'] else 'off'}")
     self.memory.value = memory_table_html(self.estimate, note)
 
-# %% ../nbs/10_widgets.ipynb #aa27afdd
+# %% ../nbs/10_widgets.ipynb #80797fd9
 @patch
 def _on_train(self: ConfigForm, _=None):
     argv = self.to_cli_argv()
