@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from qlora_nb.tiny import make_alpaca_records, tiny_model_path
+from qlora_nb.tiny import tiny_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -66,10 +66,7 @@ def max_difference(a, b):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")/"alpaca.json"
-    path.write_text(json.dumps(make_alpaca_records(80, max_words=10)))
-    return path
+def data(alpaca_file): return alpaca_file(80)
 
 
 @pytest.fixture(scope="module")
