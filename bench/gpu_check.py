@@ -2,8 +2,10 @@
 
 Run through `bash bench/gpu_check.sh` on a machine with one CUDA GPU (under 8 minutes on an H100-class card).
 `python bench/gpu_check.py --smoke` runs the same steps on a tiny model on the CPU, to check the script itself.
+The QLoRA run is repeated under FSDP (`accelerate launch --config_file configs/fsdp_qlora.yaml`, one process here):
+the 4-bit weights stored in bfloat16 wrapped by FSDP, trained, and the adapter saved and loaded back with peft.
 Prints a table last: tokens/s, peak GPU memory, weight bits per parameter, and the memory estimate vs the peak."""
-import argparse, gc, json, os, sys, tempfile, time
+import argparse, gc, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -55,6 +57,20 @@ def measure(flags: list) -> dict:
                 s_per_step=metrics["train_runtime"] / args.max_steps, peak_bytes=peak, wall_s=seconds,
                 estimate=sum(estimate_memory(str(args.model_name_or_path), args).values()))
 
+def fsdp_run(flags: list, out: Path, smoke: bool) -> dict:
+    "`measure` in a process launched the way configs/fsdp_qlora.yaml says, with one process; then load the adapter."
+    result = out.parent/f"{out.name}.json"
+    config = ["--cpu"] if smoke else ["--config_file", "configs/fsdp_qlora.yaml"]  # FSDP needs a GPU: smoke checks the rest
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", "1", __file__, "--worker", str(result), "--"] + flags
+    print("==>", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    from peft import PeftConfig
+    PeftConfig.from_pretrained(out/"adapter_model")  # the saved adapter is one peft reads
+    from safetensors.torch import load_file
+    weights = load_file(out/"adapter_model"/"adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values()), "FSDP saved an empty or non-finite adapter"
+    return json.loads(result.read_text())
+
 def weight_bits(model_path, smoke) -> float:
     "Bits per parameter of the 4-bit linear weights, measured on the loaded model."
     model = load_base_model(parse_args(["--model_name_or_path", str(model_path)] + (["--use_cpu"] if smoke else ["--bf16"]), quiet=True))
@@ -67,13 +83,23 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing real")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--work", default=None, help="folder for the model and runs (default: a temporary folder)")
-    a = ap.parse_args()
+    ap.add_argument("--no_fsdp", action="store_true", help="skip the FSDP run")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # inside the FSDP launch: measure, write here
+    a, rest = ap.parse_known_args()
+    if a.worker:
+        r = measure(rest[1:] if rest[:1] == ["--"] else rest)
+        if int(os.environ.get("RANK", 0)) == 0: Path(a.worker).write_text(json.dumps(r))
+        return
     if not a.smoke and not torch.cuda.is_available(): sys.exit("gpu_check needs a CUDA GPU (or --smoke).")
-    work = Path(a.work or tempfile.mkdtemp(prefix="qlora-nb-gpu-check-"))
+    work = Path(a.work or tempfile.mkdtemp(prefix="qlora-nb-gpu-check-")); work.mkdir(parents=True, exist_ok=True)
     data = work/"alpaca.json"; data.write_text(json.dumps(make_alpaca_records(400, seed=1)))
     model = build_model(work/"llama-1b", a.smoke)
     steps = 4 if a.smoke else a.steps
     rows = {f"{name}": measure(run_flags(model, data, work/name, bits, steps, a.smoke)) for name, bits in [("qlora-4bit", 4), ("lora-bf16", 16)]}
+    fsdp_error = None
+    if not a.no_fsdp:
+        try: rows["qlora-fsdp"] = fsdp_run(run_flags(model, data, work/"qlora-fsdp", 4, steps, a.smoke), work/"qlora-fsdp", a.smoke)
+        except (subprocess.CalledProcessError, AssertionError, OSError) as e: fsdp_error = e  # the other rows still print
     bits = weight_bits(model, a.smoke)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke)"
     print(f"\nGPU check on {device}: {model}")
@@ -82,6 +108,7 @@ def main():
         print(f"{name:<12} {r['tokens_per_s']:>10.0f} {r['s_per_step']:>8.3f} {r['peak_bytes'] / 2**30:>9.2f} "
               f"{r['estimate'] / 2**30:>13.2f} {r['estimate'] / r['peak_bytes']:>9.2f}")
     print(f"4-bit weight bits per parameter: {bits:.3f} (expected 4.127 for NF4 with double quantization)")
+    if fsdp_error: sys.exit(f"qlora-fsdp FAILED (its log is above): {fsdp_error}")
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import LoraLayer
 
 from .config import ConfigError, require
+from .quant import load_dtype, uses_fsdp
 
 # %% ../nbs/03_lora.ipynb #8094a1e4
 def true_numel(param) -> int:
@@ -151,12 +152,15 @@ def fix_dtypes(model, args):
         if "norm" in name: module.to(torch.float32)
         if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight"):
             if args.bf16 and module.weight.dtype == torch.float32: module.to(torch.bfloat16)
+    if uses_fsdp(args):  # FSDP flattens each block into one tensor of one dtype: no float32 norms beside the weights
+        for p in model.parameters():
+            if p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit): p.data = p.data.to(load_dtype(args))
     return model
 
 # %% ../nbs/03_lora.ipynb #4a4d9cf5
 def lora_b_grads_after_eval(model, input_ids: torch.Tensor) -> dict: # input_ids: a (batch, length) tensor of token ids
     "`{name: gradient size}` of every `lora_B` after eval, a no-grad forward, `generate`, then one training backward."
-    model.eval()
+    model.eval(); input_ids = input_ids.to(model.device)  # on a GPU machine the model sits on the GPU
     with torch.no_grad(): model(input_ids=input_ids)
     model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=2, do_sample=False)
     model.train(); model.zero_grad(set_to_none=True)

@@ -155,10 +155,11 @@ class QLoRATrainer(Seq2SeqTrainer):
 @patch
 def _save(self: QLoRATrainer, output_dir=None, state_dict=None):
     "A peft model: the adapter into `output_dir/adapter_model/`; anything else as transformers does it."
-    if not isinstance(self.model, PeftModel): return Seq2SeqTrainer._save(self, output_dir, state_dict)
+    model = self.accelerator.unwrap_model(self.model)  # under FSDP `self.model` is the wrapped model
+    if not isinstance(model, PeftModel): return Seq2SeqTrainer._save(self, output_dir, state_dict)
     if not self.args.should_save: return
     output_dir = Path(output_dir or self.args.output_dir)
-    self.model.save_pretrained(output_dir/ADAPTER_DIR)
+    model.save_pretrained(output_dir/ADAPTER_DIR, state_dict=state_dict)  # FSDP passes the gathered weights
     if self.processing_class is not None: self.processing_class.save_pretrained(output_dir)
     torch.save(self.args, output_dir/"training_args.bin")
 
@@ -231,6 +232,8 @@ def add_callbacks(trainer, tokenizer, args) -> list:
 def run_training(trainer, checkpoint=None) -> dict:
     "Train (resuming from `checkpoint`), save the final adapter and trainer state; returns the train metrics."
     result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
+    if trainer.is_fsdp_enabled:  # gather the sharded weights, so rank 0 can write the adapter as one peft folder
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()  # output_dir/adapter_model/
     trainer.save_state()  # output_dir/trainer_state.json
     trainer.log_metrics("train", result.metrics)

@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${QLORA_NB_VENV:-.venv}"
 PY="${PYTHON:-python3}"
+if [ "$VENV" = none ]; then  # an environment prepared by hand (an offline GPU machine): use it as it is
+  "$PY" -c "import qlora_nb, torch, transformers, peft, bitsandbytes" || { echo "QLORA_NB_VENV=none: $PY cannot import qlora_nb and its dependencies" >&2; exit 1; }
+  return 0 2>/dev/null || exit 0
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
