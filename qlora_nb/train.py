@@ -7,18 +7,19 @@ Docs: https://github.com/qlora-nb/qlora_nb/train.html.md"""
 # %% auto #0
 __all__ = ['CHECKPOINT_RE', 'COMPLETED', 'ADAPTER_DIR', 'STAGING', 'RUN_FILES', 'VERSIONED', 'say', 'list_checkpoints',
            'get_last_checkpoint', 'checkpoint_problems', 'check_output_dir', 'clear_run', 'discard_unfinished_writes',
-           'check_checkpoint', 'find_resume_point', 'QLoRATrainer', 'publish_checkpoint', 'make_trainer',
-           'add_callbacks', 'run_training', 'run_evaluation', 'package_versions', 'device_description', 'git_commit',
-           'resolved_config', 'run_record', 'write_metrics', 'finish_run', 'train', 'train_main']
+           'check_checkpoint', 'find_resume_point', 'QLoRATrainer', 'save_fsdp_adapter', 'publish_checkpoint',
+           'make_trainer', 'add_callbacks', 'run_training', 'run_evaluation', 'package_versions', 'device_description',
+           'git_commit', 'resolved_config', 'run_record', 'write_metrics', 'finish_run', 'train', 'train_main']
 
 # %% ../nbs/08_train.ipynb #738977f7
-import json, os, platform, re, shutil, subprocess, sys, zipfile
+import copy, json, os, platform, re, shutil, subprocess, sys, zipfile
 from pathlib import Path
 
 import torch
 from fastcore.basics import patch
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import Seq2SeqTrainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -159,7 +160,8 @@ def _save(self: QLoRATrainer, output_dir=None, state_dict=None):
     if not isinstance(model, PeftModel): return Seq2SeqTrainer._save(self, output_dir, state_dict)
     if not self.args.should_save: return
     output_dir = Path(output_dir or self.args.output_dir)
-    model.save_pretrained(output_dir/ADAPTER_DIR, state_dict=state_dict)  # FSDP passes the gathered weights
+    if state_dict is not None and self.is_fsdp_enabled: save_fsdp_adapter(model, state_dict, output_dir/ADAPTER_DIR)
+    else: model.save_pretrained(output_dir/ADAPTER_DIR, state_dict=state_dict)
     if self.processing_class is not None: self.processing_class.save_pretrained(output_dir)
     torch.save(self.args, output_dir/"training_args.bin")
 
@@ -176,6 +178,17 @@ def _load_best_model(self: QLoRATrainer):
     if (Path(best)/ADAPTER_DIR).is_dir(): self.state.best_model_checkpoint = str(Path(best)/ADAPTER_DIR)
     try: Seq2SeqTrainer._load_best_model(self)
     finally: self.state.best_model_checkpoint = best
+
+# %% ../nbs/08_train.ipynb #2ec6e2e8
+def save_fsdp_adapter(model: PeftModel, state_dict: dict, folder: Path, adapter: str = "default"):
+    "Write the LoRA weights of a gathered FSDP `state_dict` as the peft adapter folder `folder`."
+    tag = f".{adapter}."
+    weights = {k.replace(tag, "."): v.contiguous() for k, v in state_dict.items() if ".lora_" in k and tag in k}
+    if not weights: raise RuntimeError(f"The gathered FSDP state dict holds no LoRA weights of adapter {adapter!r}.")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.peft_config[adapter]); config.inference_mode = True  # as peft saves it
+    config.save_pretrained(folder)
+    save_file(weights, folder/"adapter_model.safetensors", metadata={"format": "pt"})
 
 # %% ../nbs/08_train.ipynb #334c4595
 def _fsync(path):
