@@ -84,6 +84,8 @@ def _weights_problems(path) -> list:
 def checkpoint_problems(path) -> list:
     "What is missing or unreadable in the checkpoint folder `path`; empty when training can resume from it."
     path = Path(path)
+    if (path/"pytorch_model_fsdp_0").is_dir():  # written under FSDP with SHARDED_STATE_DICT; never tried on a GPU here
+        return ["it is an FSDP sharded checkpoint (pytorch_model_fsdp_0/), which qlora-nb cannot check or resume yet"]
     problems = [_json_problem(path/"trainer_state.json"), _torch_file_problem(path/"optimizer.pt"),
                 _torch_file_problem(path/"scheduler.pt")]
     rng = sorted(path.glob("rng_state*.pth"))
