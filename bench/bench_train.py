@@ -19,8 +19,9 @@ steps, each in a fresh subprocess (so its peak memory is its own) with the same 
   trl packing         best-fit-decreasing packing into rows of source_max_len + target_max_len tokens.
   qlora-nb            `qlora-nb train ...` exactly as a user types it (qlora_nb.cli.main in the worker process).
   qlora-nb --packing  the same with --packing.
-  what-if: ...        qlora-nb --packing with its trainer's loss replaced by one that runs lm_head and the
-                      cross-entropy only where a label is (same loss and gradients): the measured gain of that change.
+  ... (full logits)   qlora-nb or qlora-nb --packing with `QLoRATrainer.label_only_loss = False`: lm_head and the
+                      cross-entropy at every position, as transformers computes them, instead of only where a label
+                      is (same loss and gradients): the measured gain of the label-only loss.
 
 Metrics, over the timed steps (every step after the first `warmup` steps):
   real tok / CPU s  non-padding tokens (prompt + answer of every example: attention_mask == 1, or for packed rows
@@ -47,8 +48,8 @@ RESULTS = ROOT/"bench"/"RESULTS.md"
 MARK_START, MARK_END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 from qlora_py import IGNORE_INDEX, QloraPyCollator  # bench/qlora_py.py: qlora.py re-created
 
-WHAT_IF = "what-if: qlora-nb --packing + label-only lm_head"
-CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", WHAT_IF]
+FULL, FULL_PACKED = "qlora-nb (full logits)", "qlora-nb --packing (full logits)"
+CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", FULL, FULL_PACKED]
 
 # Per model: how it is built, the LoRA rank, and how many steps to run (the larger model's steps take seconds each).
 MODELS = {
@@ -272,27 +273,17 @@ def run_qlora_nb(spec, packing=False):
     if rc: raise SystemExit(f"qlora-nb train exited with status {rc}")
 
 
-def label_only_lm_head_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-    "What-if for QLoRATrainer.compute_loss: lm_head and cross-entropy at label-bearing positions only."
-    import torch.nn.functional as F
-    inputs = dict(inputs); labels = inputs.pop("labels")
-    causal_lm = model.get_base_model()  # under the peft wrapper: LlamaForCausalLM
-    hidden = causal_lm.model(**inputs).last_hidden_state[:, :-1]  # position i predicts token i + 1
-    targets = labels[:, 1:]; keep = targets != IGNORE_INDEX
-    loss = F.cross_entropy(causal_lm.lm_head(hidden[keep]), targets[keep], reduction="sum")
-    return loss / (keep.sum() if num_items_in_batch is None else num_items_in_batch)
-
-
-def run_qlora_nb_label_only_head(spec):
+def run_qlora_nb_full_logits(spec, packing=False):
+    "qlora-nb with transformers' loss: lm_head and the cross-entropy at every position."
     from qlora_nb.train import QLoRATrainer
-    QLoRATrainer.compute_loss = label_only_lm_head_loss
-    run_qlora_nb(spec, packing=True)
+    QLoRATrainer.label_only_loss = False
+    run_qlora_nb(spec, packing=packing)
 
 
 RUNNERS = {"qlora.py": run_qlora_py, "trl": run_trl,
            "trl padding_free": lambda s: run_trl(s, padding_free=True), "trl packing": lambda s: run_trl(s, packing=True),
            "qlora-nb": run_qlora_nb, "qlora-nb --packing": lambda s: run_qlora_nb(s, packing=True),
-           WHAT_IF: run_qlora_nb_label_only_head}
+           FULL: run_qlora_nb_full_logits, FULL_PACKED: lambda s: run_qlora_nb_full_logits(s, packing=True)}
 
 
 def worker(config: str, spec_path: str, result_path: str):
@@ -394,8 +385,8 @@ def ratio_lines(res: dict, key="real_tok_cpu_s") -> list:
         ratio(f"best qlora-nb ({bo}) / best TRL ({bt})", bo, bt)
     ratio("qlora-nb / trl (both padded, unpacked)", "qlora-nb", "trl")
     ratio("qlora-nb --packing / trl packing", "qlora-nb --packing", "trl packing")
-    ratio("what-if (label-only lm_head) / qlora.py", WHAT_IF, "qlora.py")
-    ratio("what-if (label-only lm_head) / qlora-nb --packing", WHAT_IF, "qlora-nb --packing")
+    ratio("label-only lm_head, unpacked: qlora-nb / qlora-nb (full logits)", "qlora-nb", FULL)
+    ratio("label-only lm_head, packed: qlora-nb --packing / qlora-nb --packing (full logits)", "qlora-nb --packing", FULL_PACKED)
     return out
 
 
@@ -442,7 +433,8 @@ def report(all_results: dict, opts, load_at_start) -> str:
                               source_max_len=opts.source_max_len, target_max_len=opts.target_max_len, lora_r="R",
                               lora_alpha=16, lora_dropout=0.0, optim=opts.optim))
     lines += [f"The qlora-nb rows ran `qlora-nb {' '.join(argv)} [--packing]` (`qlora_nb.cli.main` in the worker "
-              "process, so the observer can count its tokens).", ""]
+              "process, so the observer can count its tokens); the (full logits) rows the same with "
+              "`QLoRATrainer.label_only_loss = False` set first.", ""]
     return "\n".join(lines + [MARK_END])
 
 
