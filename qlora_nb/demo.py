@@ -12,7 +12,7 @@ __all__ = ['CHARACTER_CLASSES', 'SUBJECTS', 'BASE_SUBJECTS', 'NEW_SUBJECT', 'DEM
            'demo_main', 'cached_demo_run']
 
 # %% ../nbs/12_demo.ipynb #b55ca463
-import argparse, hashlib, json, os, random, shutil, sys, time, warnings
+import argparse, hashlib, json, os, random, sys, time, warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 
 import qlora_nb
 from .config import ConfigError, require, parse_args
-from .tiny import cache_dir, tiny_model_path
+from .tiny import build_once, cache_dir, tiny_model_path
 from .formatters import ALPACA_PROMPT_DICT
 from .mmlu import evaluate_mmlu, format_mmlu_question, load_mmlu, load_model_for_mmlu, mmlu_header, write_json_atomic
 from .plots import plot_mmlu_per_subject, plot_training_curves
@@ -117,12 +117,10 @@ def pretrained_base(sizes: DemoSizes = DEMO, # the recipe; the cache holds one b
     path = cache_dir()/f"demo-base-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (path/"completed").exists(): return path
     if not quiet: say(f"pretraining the demo's base model (once; cached in {path})...")
-    work = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    data = write_records(work/"data"/"pretrain.jsonl", choice_questions(BASE_SUBJECTS, sizes.pretrain_per_subject, seed=1))
-    train(pretrain_flags(data, work, sizes))
-    try: work.rename(path)
-    except OSError: shutil.rmtree(work, ignore_errors=True)  # another process finished first
-    return path
+    def pretrain(work):
+        data = write_records(work/"data"/"pretrain.jsonl", choice_questions(BASE_SUBJECTS, sizes.pretrain_per_subject, seed=1))
+        train(pretrain_flags(data, work, sizes))
+    return build_once(path, pretrain, done="completed")
 
 # %% ../nbs/12_demo.ipynb #07fbc914
 def finetune_flags(base, data_file, output_dir, sizes: DemoSizes) -> list:
@@ -241,9 +239,4 @@ def cached_demo_run(sizes: DemoSizes = QUICK) -> Path:
     "A finished demo run folder, built once per recipe in the cache and reused: what the analysis notebooks read."
     recipe = json.dumps([qlora_nb.__version__, BASE_MODEL, asdict(sizes)])
     path = cache_dir()/f"demo-run-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
-    if (path/"completed").exists(): return path
-    work = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    run_demo(work, sizes)
-    try: work.rename(path)
-    except OSError: shutil.rmtree(work, ignore_errors=True)  # another process finished first; its run is as good
-    return path
+    return build_once(path, lambda work: run_demo(work, sizes), done="completed")
