@@ -11,9 +11,9 @@ __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'QUANT_TYPES', 'BITS', 'MMLU_DATA
            'known_flags', 'reject_unknown', 'merge_args', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml']
 
 # %% ../nbs/00_config.ipynb #ec043800
-import dataclasses, difflib, sys
+import copy, dataclasses, difflib, sys
 from dataclasses import dataclass, field
-from argparse import Namespace
+from argparse import ArgumentTypeError, Namespace
 from pathlib import Path
 from typing import Optional
 
@@ -217,8 +217,22 @@ def translate_legacy_flags(argv: list) -> tuple:
 # %% ../nbs/00_config.ipynb #d4c020f4
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments, GenerationArguments)
 
+def _tokens_seen(value: str) -> str:
+    "`--include_num_input_tokens_seen`: all, non_padding or no; true and false mean all and no."
+    v = value.lower()
+    if v in ("all", "non_padding", "no"): return v
+    if v in ("true", "yes", "1", "false", "0"): return "all" if v in ("true", "yes", "1") else "no"
+    raise ArgumentTypeError(f"expected all, non_padding, no, true or false, got {value!r}")
+
 class _Parser(HfArgumentParser):
     def error(self, message): raise ConfigError(message)
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        if field.name == "include_num_input_tokens_seen":  # `str | bool`: transformers' parser would take only true/false
+            field = copy.copy(field)  # the parser rewrites `field.type` in place: not on TrainingArguments' own field
+            field.type, field.metadata = _tokens_seen, {**field.metadata, "nargs": "?", "const": "all"}
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
 def make_parser() -> HfArgumentParser:
     "The parser of every flag; `--config FILE.yaml` comes first and flags override it."
