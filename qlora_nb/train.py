@@ -14,7 +14,7 @@ __all__ = ['CHECKPOINT_RE', 'COMPLETED', 'ADAPTER_DIR', 'STAGING', 'RUN_FILES', 
            'finish_run', 'train', 'train_main']
 
 # %% ../nbs/08_train.ipynb #738977f7
-import contextlib, copy, json, os, platform, re, shutil, subprocess, sys, zipfile
+import contextlib, copy, json, os, platform, re, shutil, subprocess, sys, warnings, zipfile
 from pathlib import Path
 
 import torch
@@ -33,6 +33,10 @@ from .lora import print_trainable_parameters
 from .data import IGNORE_INDEX, make_data_module
 from .mmlu import make_mmlu_callback, write_json_atomic
 from .predict import predict_step
+
+# transformers asks for pinned batches; on a machine with no GPU there is nothing to pin them for, and torch says so at every epoch
+warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found")
+
 
 # %% ../nbs/08_train.ipynb #597bc742
 def say(msg: str):
