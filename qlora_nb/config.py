@@ -20,6 +20,7 @@ from typing import Optional
 import yaml
 import transformers
 from transformers import GenerationConfig, HfArgumentParser, Seq2SeqTrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 # %% ../nbs/00_config.ipynb #e3e9d4ed
 class ConfigError(ValueError):
@@ -219,10 +220,9 @@ ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments, GenerationArgum
 
 def _tokens_seen(value: str) -> str:
     "`--include_num_input_tokens_seen`: all, non_padding or no; true and false mean all and no."
-    v = value.lower()
-    if v in ("all", "non_padding", "no"): return v
-    if v in ("true", "yes", "1", "false", "0"): return "all" if v in ("true", "yes", "1") else "no"
-    raise ArgumentTypeError(f"expected all, non_padding, no, true or false, got {value!r}")
+    if value.lower() in ("all", "non_padding", "no"): return value.lower()
+    try: return "all" if string_to_bool(value) else "no"
+    except ArgumentTypeError: raise ArgumentTypeError(f"expected all, non_padding, no, true or false, got {value!r}") from None
 
 class _Parser(HfArgumentParser):
     def error(self, message): raise ConfigError(message)

@@ -146,15 +146,16 @@ def parameters_by_module_type(model) -> dict:
 
 # %% ../nbs/03_lora.ipynb #c406f87a
 def fix_dtypes(model, args):
-    "qlora.py's dtype fixes: LoRA layers bf16 under bf16, norms float32, lm_head/embed_tokens bf16 under bf16."
+    "qlora.py's dtype fixes (LoRA bf16 under bf16, norms float32, lm_head/embed_tokens bf16); under FSDP one dtype."
+    if uses_fsdp(args):  # FSDP flattens each block into one tensor of one dtype: no float32 norms beside the weights
+        for p in model.parameters():
+            if p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit): p.data = p.data.to(load_dtype(args))
+        return model
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and args.bf16: module.to(torch.bfloat16)
         if "norm" in name: module.to(torch.float32)
         if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight"):
             if args.bf16 and module.weight.dtype == torch.float32: module.to(torch.bfloat16)
-    if uses_fsdp(args):  # FSDP flattens each block into one tensor of one dtype: no float32 norms beside the weights
-        for p in model.parameters():
-            if p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit): p.data = p.data.to(load_dtype(args))
     return model
 
 # %% ../nbs/03_lora.ipynb #4a4d9cf5

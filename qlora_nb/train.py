@@ -18,12 +18,12 @@ import contextlib, copy, json, os, platform, re, shutil, subprocess, sys, warnin
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from fastcore.basics import patch
 from peft import PeftModel, PeftType
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Seq2SeqTrainer, set_seed
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 import qlora_nb
@@ -261,9 +261,7 @@ def label_only_lm_head_loss(model, # a peft LoRA model of a causal LM whose logi
     hidden = causal_lm.model(**inputs).last_hidden_state[:, :-1]  # position i predicts token i + 1
     targets = labels[:, 1:].to(hidden.device); keep = targets != IGNORE_INDEX
     logits = causal_lm.lm_head(hidden[keep]).float()  # upcast, as ForCausalLMLoss does
-    loss = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="mean" if num_items_in_batch is None else "sum")
-    if num_items_in_batch is None: return loss
-    return loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return fixed_cross_entropy(logits, targets[keep].to(logits.device), num_items_in_batch)  # ForCausalLMLoss's last step
 
 # %% ../nbs/08_train.ipynb #989f6097
 LABEL_ONLY_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}  # ForCausalLM: lm_head(hidden) + ForCausalLMLoss
