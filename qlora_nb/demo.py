@@ -20,9 +20,10 @@ import matplotlib.pyplot as plt
 
 import qlora_nb
 from .config import ConfigError, require, parse_args
-from .tiny import build_once, cache_dir, tiny_model_path
+from .files import build_once, cache_dir, write_json_atomic
+from .tiny import tiny_model_path
 from .formatters import ALPACA_PROMPT_DICT
-from .mmlu import evaluate_mmlu, format_mmlu_question, load_mmlu, load_model_for_mmlu, mmlu_header, write_json_atomic
+from .mmlu import evaluate_mmlu, format_mmlu_question, load_mmlu, load_model_for_mmlu, mmlu_header
 from .plots import plot_mmlu_per_subject, plot_training_curves
 from .train import check_output_dir, say, train
 

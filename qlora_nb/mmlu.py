@@ -10,7 +10,7 @@ __all__ = ['MMLU_LETTERS', 'HUB_SPLITS', 'MMLU_USAGE', 'check_mmlu_choice', 'mml
            'answer_token_ids', 'length_sorted_batches', 'pad_right', 'body_and_head', 'last_position_logits',
            'score_mmlu', 'load_accuracy_metric', 'mmlu_results', 'evaluate_mmlu', 'mmlu_log_entries',
            'MMLUEvalCallback', 'make_mmlu_callback', 'parse_mmlu_args', 'find_adapter', 'load_model_for_mmlu',
-           'write_json_atomic', 'mmlu_main']
+           'mmlu_main']
 
 # %% ../nbs/07_mmlu.ipynb #00fb38d0
 import argparse, functools, json, os, sys
@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from .config import MMLU_DATASETS, MMLU_SPLITS, ConfigError, parse_args, require
 from .data import encode_sources
+from .files import write_json_atomic
 from .tiny import MMLU_FILES
 from .model import load_base_and_tokenizer
 from peft import PeftModel
@@ -298,14 +299,6 @@ def load_model_for_mmlu(args) -> tuple:
     return model, tokenizer
 
 # %% ../nbs/07_mmlu.ipynb #518c7e87
-def write_json_atomic(path, obj) -> Path:
-    "Write `obj` as JSON to `path` through a temporary file, so a reader never sees half a file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return path
-
 def mmlu_main(argv=None) -> int:
     "`qlora-nb mmlu`: evaluate a model on MMLU and write OUT/mmlu_{split}.json; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)

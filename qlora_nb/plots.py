@@ -6,8 +6,8 @@ Docs: https://github.com/qlora-nb/qlora_nb/plots.html.md"""
 
 # %% auto #0
 __all__ = ['MMLU_COLORS', 'MMLU_CURVE', 'CURVE_PANELS', 'byte_unit', 'count_label', 'plot_dtypes', 'plot_trainable_by_module',
-           'plot_mmlu_per_subject', 'training_series', 'curve_label', 'plot_training_curves', 'latest_checkpoint',
-           'read_trainer_state', 'read_mmlu_results', 'read_run']
+           'plot_mmlu_per_subject', 'training_series', 'curve_label', 'plot_training_curves', 'read_trainer_state',
+           'read_mmlu_results', 'read_run']
 
 # %% ../nbs/11_plots.ipynb #9f055ffa
 import json, math, re
@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .config import ConfigError, require
+from .files import list_checkpoints
 
 # %% ../nbs/11_plots.ipynb #6b60c340
 def byte_unit(largest: float) -> tuple:
@@ -157,18 +158,12 @@ def _read_json(path: Path, what: str) -> dict:
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ConfigError(f"{path} is not valid JSON ({e}): was the {what} cut short?") from None
 
-# %% ../nbs/11_plots.ipynb #fc681463
-def latest_checkpoint(run_dir) -> Path | None:
-    "The `checkpoint-N` folder of `run_dir` with the largest N, or None."
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
-    return max(found)[1] if found else None
-
 # %% ../nbs/11_plots.ipynb #b116708e
 def read_trainer_state(run_dir) -> dict:
     "The final `trainer_state.json` of a run folder, or the latest checkpoint's."
     run_dir = Path(run_dir)
     require(run_dir.is_dir(), f"Run folder {run_dir} does not exist.")
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = (list_checkpoints(run_dir) or [None])[-1]
     for path in [run_dir/"trainer_state.json"] + ([ckpt/"trainer_state.json"] if ckpt else []):
         if path.is_file(): return _read_json(path, "trainer state")
     raise ConfigError(f"No trainer_state.json in {run_dir} or its checkpoint-N folders: is it a training output folder?")

@@ -6,8 +6,7 @@ Docs: https://github.com/qlora-nb/qlora_nb/tiny.html.md"""
 
 # %% auto #0
 __all__ = ['WORDS', 'ALPACA_TEMPLATE', 'MMLU_HEADER', 'MMLU_SUBJECTS', 'MMLU_FILES', 'tiny_corpus', 'make_tiny_tokenizer',
-           'make_tiny_model', 'cache_dir', 'build_once', 'tiny_model_path', 'make_alpaca_records', 'make_mmlu_records',
-           'write_mmlu_files']
+           'make_tiny_model', 'tiny_model_path', 'make_alpaca_records', 'make_mmlu_records', 'write_mmlu_files']
 
 # %% ../nbs/01_tiny.ipynb #1c65312c
 import hashlib, json, os, random, shutil
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .files import build_once, cache_dir
 
 # %% ../nbs/01_tiny.ipynb #23ae5a09
 WORDS = ("the a an of to and in is are was for on with as by at from that this it be or which what how why when "
@@ -82,31 +83,6 @@ def make_tiny_model(path, # folder to write config, weights and tokenizer to
     return path
 
 # %% ../nbs/01_tiny.ipynb #d47ce31b
-def cache_dir() -> Path:
-    "Where qlora_nb keeps the fixtures it builds (`$QLORA_NB_CACHE`, default `~/.cache/qlora_nb`)."
-    return Path(os.environ.get("QLORA_NB_CACHE", Path.home()/".cache"/"qlora_nb"))
-
-def _alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: pass  # someone else's process
-    return True
-
-def build_once(path: Path, # the folder to have
-               build, # `build(work)` writes the folder's contents into the folder `work`
-               done: str = "config.json") -> Path: # the file whose presence in `path` means it is complete
-    "`path`, built in a private folder renamed into place unless already there; what killed builders left is removed."
-    if (path/done).exists(): return path
-    for old in path.parent.glob(f"{path.name}.tmp*"):  # a build stopped half-way (Ctrl-C, out of memory)
-        pid = old.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not _alive(int(pid)): shutil.rmtree(old, ignore_errors=True)
-    work = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)  # ours: left by an earlier process that had this process id
-    build(work)
-    try: work.rename(path)
-    except OSError: shutil.rmtree(work, ignore_errors=True)  # another process finished first; its copy is as good
-    return path
-
 def tiny_model_path(**kwargs) -> Path:
     "A tiny model folder built by `make_tiny_model(**kwargs)`, reused across calls and processes."
     from qlora_nb import __version__

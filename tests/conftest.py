@@ -1,20 +1,80 @@
-"Shared pytest set-up: everything offline, a per-session cache for the tiny fixtures."
+"""Shared pytest set-up: everything offline, and the few helpers every process-level test needs (written once here,
+imported by the test modules: `from conftest import ...`)."""
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import json  # after the environment above: qlora_nb must import offline
+import json, signal, subprocess, sys, time  # after the environment above: qlora_nb must import offline
+from pathlib import Path
+
 import pytest
-from qlora_nb.tiny import make_alpaca_records
+from qlora_nb.tiny import make_alpaca_records, tiny_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+# what a child process gets: offline, this checkout's qlora_nb first, one thread each (2 cores, often 2 processes)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+# a short LoRA run of the tiny model; each keyword overrides one flag (`max_steps=12`), `*more` adds flags
+TINY_RUN = dict(lora_r=4, lora_alpha=8, max_steps=4, save_steps=2, learning_rate=1e-3, per_device_train_batch_size=4,
+                gradient_accumulation_steps=1, logging_steps=1, source_max_len=48, target_max_len=24,
+                eval_dataset_size=6, max_new_tokens=6, disable_tqdm="true", seed=3)
+
+
+def tiny_flags(data, out, *more, **overrides) -> list:
+    "`qlora-nb train` flags (without the word `train`) for a short run of the tiny model on the data file `data`."
+    values = {**TINY_RUN, **overrides}
+    pairs = [a for k, v in values.items() if v is not None for a in (f"--{k}", str(v))]
+    return ["--model_name_or_path", str(tiny_model_path()), "--dataset", str(data), "--output_dir", str(out), *pairs, *more]
+
+
+def start_qlora_nb(*args, prelude: str = "", env: dict | None = None) -> subprocess.Popen:
+    "`python -m qlora_nb ARGS` as a child process; `prelude` is Python run first in that process (to patch it)."
+    code = prelude + "\nimport sys, runpy; sys.argv = ['qlora_nb'] + sys.argv[1:]; runpy.run_module('qlora_nb', run_name='__main__')"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_qlora_nb(*args, timeout: float = 300, prelude: str = "", env: dict | None = None) -> tuple:
+    "Run `python -m qlora_nb ARGS` to the end; returns (exit status, stdout, stderr)."
+    proc = start_qlora_nb(*args, prelude=prelude, env=env)
+    try: out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill(); out, err = proc.communicate()
+        raise AssertionError(f"`qlora-nb {' '.join(map(str, args))}` ran past {timeout}s:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def wait_for(path, proc: subprocess.Popen, timeout: float = 240):
+    "Poll until `path` exists; fail if the child exits first."
+    end = time.time() + timeout
+    while not Path(path).exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared:\n{proc.communicate()[1][-3000:]}"
+        assert time.time() < end, f"{path} did not appear in {timeout}s"
+        time.sleep(0.02)
+
+
+def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> str:
+    "Send `sig` (default SIGKILL: no chance to clean up) and wait for the child; returns its stderr."
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL: assert proc.returncode == -signal.SIGKILL
+    return err
+
+
+def listing(folder) -> list:
+    "(path, size, mtime) of everything below `folder`: equal listings mean nothing was written."
+    folder = Path(folder)
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
 @pytest.fixture(scope="module")
 def alpaca_file(tmp_path_factory):
     "A writer of local Alpaca-format JSON files: `alpaca_file(n)` -> the path of `n` short synthetic records."
-    def write(n: int):
+    def write(n: int, **kwargs):
         path = tmp_path_factory.mktemp("data")/"alpaca.json"
-        path.write_text(json.dumps(make_alpaca_records(n, max_words=10)))
+        path.write_text(json.dumps(make_alpaca_records(n, **{"max_words": 10, **kwargs})))
         return path
     return write

@@ -88,7 +88,7 @@ def stop(pids, grace_s=10):
 
 def jupyter_env(tmp: Path) -> dict:
     "The environment of JupyterLab and its kernels: Jupyter's and IPython's folders in `tmp`, everything offline."
-    from qlora_nb.tiny import cache_dir  # the tiny model is the project's shared fixture: reuse its cache
+    from qlora_nb.files import cache_dir  # the tiny model is the project's shared fixture: reuse its cache
     dirs = {k: tmp/k.lower() for k in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR")}
     for d in dirs.values(): d.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **{k: str(v) for k, v in dirs.items()}, "HOME": str(tmp/"home"), "QLORA_NB_CACHE": str(cache_dir()),
