@@ -7,16 +7,14 @@ Docs: https://github.com/qlora-nb/qlora_nb/lora.html.md"""
 # %% auto #0
 __all__ = ['CHECKPOINTING', 'MODULE_TYPES', 'true_numel', 'count_parameters', 'linear_layer_class', 'find_all_linear_names',
            'prepare_for_training', 'make_lora_config', 'load_adapters', 'attach_lora', 'print_trainable_parameters',
-           'storage_of', 'dtype_table', 'module_type', 'parameters_by_module_type', 'fix_dtypes',
-           'lora_b_grads_after_eval', 'simulate_avx512bf16_cpu']
+           'storage_of', 'dtype_table', 'module_type', 'parameters_by_module_type', 'fix_dtypes']
 
 # %% ../nbs/03_lora.ipynb #79c90a61
-import contextlib, math, warnings
+import math, warnings
 from pathlib import Path
 
 import torch
 import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 
@@ -157,42 +155,3 @@ def fix_dtypes(model, args):
         if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight"):
             if args.bf16 and module.weight.dtype == torch.float32: module.to(torch.bfloat16)
     return model
-
-# %% ../nbs/03_lora.ipynb #4a4d9cf5
-def lora_b_grads_after_eval(model, input_ids: torch.Tensor) -> dict: # input_ids: a (batch, length) tensor of token ids
-    "`{name: gradient size}` of every `lora_B` after eval, a no-grad forward, `generate`, then one training backward."
-    model.eval(); input_ids = input_ids.to(model.device)  # on a GPU machine the model sits on the GPU
-    with torch.no_grad(): model(input_ids=input_ids)
-    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=2, do_sample=False)
-    model.train(); model.zero_grad(set_to_none=True)
-    model(input_ids=input_ids, labels=input_ids).loss.backward()
-    return {n: 0. if p.grad is None else float(p.grad.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n}
-
-# %% ../nbs/03_lora.ipynb #d8a0c6d5
-def _unpack_cpu_layout(packed, shape, absmax, blocksize, code) -> torch.Tensor:
-    "The dequantized (out, in) weight of a layer repacked by bitsandbytes' `_convert_weight_packed_for_cpu`."
-    N, K = shape
-    pairs = packed.view(torch.uint8).reshape(-1, 32)  # each row: 32 low nibbles, then 32 high ones
-    codes = torch.cat([pairs & 0xF, pairs >> 4], dim=-1).reshape(N // 32, K // 2, 32, 2).transpose(1, 2).reshape(N, K)
-    scales = absmax.T.float().repeat_interleave(blocksize, dim=1)  # the repack stores absmax as (K/block, N)
-    return code[codes.long()] * scales
-
-def _gemv_4bit_outside_autograd(A, B, shapeB, absmax, code, blocksize):
-    "Stand-in for bitsandbytes' AVX512-BF16 CPU kernel: the same product, and no gradient, as a C kernel gives."
-    with torch.no_grad():
-        return torch.nn.functional.linear(A.float(), _unpack_cpu_layout(B, shapeB, absmax, blocksize, code)).to(A.dtype)
-
-# %% ../nbs/03_lora.ipynb #ffa3f9d0
-@contextlib.contextmanager
-def simulate_avx512bf16_cpu(model):
-    "Make `model`'s 4-bit layers behave as on an AVX512-BF16 CPU without the guard (for tests)."
-    lib = None
-    if not bnbF.has_avx512bf16():  # the registration lives as long as `lib`
-        lib = torch.library.Library("bitsandbytes", "FRAGMENT")
-        torch.library.register_kernel("bitsandbytes::gemv_4bit", "cpu", _gemv_4bit_outside_autograd, lib=lib)
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers: layer.support_avx512bf16_for_cpu = True
-    try: yield model
-    finally:
-        for layer in layers: layer.support_avx512bf16_for_cpu = False
-        del lib  # unregisters the stand-in
