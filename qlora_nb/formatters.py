@@ -32,7 +32,7 @@ class Formatter:
     columns: tuple # required columns: `fn`'s parameters without a default
     optional: tuple # columns used when present: parameters with a default
     strings: tuple # columns that must hold text: parameters annotated `str`
-    detect: object = True # True: recognisable from its columns; False: only by name; a callable: also test the first record
+    detect: object = True # True: known by its columns; False: only by name; a callable: also test the first record
 
 FORMATTERS = {}
 
@@ -82,7 +82,8 @@ CHIP2_BOT = "\n<bot>: "
 @register_formatter("chip2", detect=lambda r: isinstance(r.get("text"), str) and r["text"].startswith("<human>:"))
 def chip2(text: str):
     "OIG unified_chip2: `<human>: prompt\\n<bot>: answer`."
-    require(CHIP2_BOT in text, f"chip2 text must contain {CHIP2_BOT!r} between the human turn and the answer, got {text[:60]!r}.")
+    require(CHIP2_BOT in text,
+            f"chip2 text must contain {CHIP2_BOT!r} between the human turn and the answer, got {text[:60]!r}.")
     parts = text.split(CHIP2_BOT)
     return dict(input=parts[0].replace("<human>: ", ""), output=parts[1])
 
@@ -154,7 +155,8 @@ def detect_format(columns: list, # the data set's column names
         return f.detect is True or (first_record is not None and f.detect(first_record))
     candidates = [f for f in FORMATTERS.values() if fits(f)]
     require(candidates, f"Cannot tell the data set format from its columns {list(columns)}: pass --dataset_format, "
-            f"one of {list(FORMATTERS)}, or register a formatter for these columns (qlora_nb.formatters.register_formatter).")
+            f"one of {list(FORMATTERS)}, or register a formatter for these columns "
+            "(qlora_nb.formatters.register_formatter).")
     return max(candidates, key=lambda f: len(set(f.columns + f.optional) & set(columns))).name
 
 # %% ../nbs/05_formatters.ipynb #89ca864c
@@ -196,7 +198,8 @@ def check_columns(dataset: Dataset, formatter: Formatter, where: str):
     "Raise a `ConfigError` naming the column and record that `formatter` cannot read."
     missing = [c for c in formatter.columns if c not in dataset.column_names]
     require(not missing, f"{where}: the {formatter.name!r} format needs the column(s) {missing}, but the data has "
-            f"{dataset.column_names}. Rename the columns, or choose another --dataset_format ({', '.join(FORMATTERS)}).")
+            f"{dataset.column_names}. Rename the columns, or choose another --dataset_format "
+            f"({', '.join(FORMATTERS)}).")
     for col in [c for c in formatter.columns + formatter.optional if c in dataset.column_names]:
         bad = first_bad_value(dataset, col, col in formatter.strings)
         if bad is None: continue
@@ -237,7 +240,8 @@ def _format_batch(batch, indices, formatter, where):
         except Exception as e: raise ConfigError(f"{where}, {locate(where, i)}: {e}") from None
         for r in records if isinstance(records, list) else [records]:
             require(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("input", "output")),
-                    f"{where}, {locate(where, i)}: the {formatter.name!r} formatter must return string 'input' and 'output', got {r!r:.80}.")
+                    f"{where}, {locate(where, i)}: the {formatter.name!r} formatter must return string 'input' and "
+                    f"'output', got {r!r:.80}.")
             out["input"].append(r["input"]); out["output"].append(r["output"])
     return out
 
@@ -267,7 +271,8 @@ def format_dataset(dataset, # a `Dataset` or a `DatasetDict` of splits
 def _csv_text_features(path, sep) -> Features:
     "Every column of a CSV/TSV file as text, from its header."
     with open(path, newline="") as f: header = next(csv.reader(f, delimiter=sep), None)
-    require(header, f"{path}: the file is empty; expected a header line with the column names, then one record per line.")
+    require(header,
+            f"{path}: the file is empty; expected a header line with the column names, then one record per line.")
     return Features({name: Value("string") for name in header})
 
 def _load_kwargs(path) -> dict:
@@ -278,31 +283,35 @@ def _load_kwargs(path) -> dict:
     return dict(path="csv", sep=sep, keep_default_na=False, features=_csv_text_features(path, sep))
 
 # %% ../nbs/05_formatters.ipynb #8d6205ed
-def _json_problem(path) -> str:
-    "What is wrong with a JSON / JSON-lines file, with its line number; None if nothing is found."
+def _first_bad_json_record(path) -> str | None:
+    "The first line or record of a JSON / JSON-lines data file that is not a JSON object, in words; None if all are."
+    # not files.json_problem, which says only whether a file parses: a data file's user needs the line to fix
     text = Path(path).read_text()
     if not text.strip(): return "the file is empty; expected at least one record"
     if not _is_json_lines(path):
         try: records = json.loads(text)
-        except json.JSONDecodeError as e: return f"line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}); expected an array of objects"
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}); expected an array of objects"
         if records == []: return "the file holds no records; expected at least one"
         bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
         return None if bad is None else f"record {bad}: expected a JSON object {{...}}, got {records[bad]!r:.40}"
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         try: record = json.loads(line)
-        except json.JSONDecodeError as e: return f"line {n}: not valid JSON ({e.msg}, column {e.colno}); expected one JSON object per line"
+        except json.JSONDecodeError as e:
+            return f"line {n}: not valid JSON ({e.msg}, column {e.colno}); expected one JSON object per line"
         if not isinstance(record, dict): return f"line {n}: expected a JSON object {{...}}, got {line.strip()[:40]!r}"
 
 # %% ../nbs/05_formatters.ipynb #fa15ad20
-def _csv_problem(path) -> str:
+def _first_bad_csv_row(path) -> str | None:
     "The first CSV/TSV line whose number of fields differs from the header's, or an empty file; None if all is well."
     with open(path, newline="") as f:
         reader = csv.reader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
         header, n_rows = next(reader, []), 0
         for row in reader:
             if row and len(row) != len(header):
-                return f"line {reader.line_num}: {len(row)} fields where the header has {len(header)} ({', '.join(header)})"
+                return (f"line {reader.line_num}: {len(row)} fields where the header has {len(header)} "
+                        f"({', '.join(header)})")
             n_rows += bool(row)
     if n_rows == 0: return "the file holds no records under its header; expected at least one"
 
@@ -313,12 +322,14 @@ def local_dataset(path, # a .json, .jsonl, .csv, .tsv or .parquet file
     path = Path(path)
     require(path.suffix in SUPPORTED_EXTENSIONS, f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
             f"--dataset takes a data set name ({', '.join(HUB_DATASETS)}) or a {'/'.join(SUPPORTED_EXTENSIONS)} file.")
-    require(path.is_file(), f"{path}: no such file. Check the path given to --dataset (relative paths start in {Path.cwd()}).")
+    require(path.is_file(),
+            f"{path}: no such file. Check the path given to --dataset (relative paths start in {Path.cwd()}).")
     require(path.stat().st_size > 0, f"{path}: the file is empty; expected at least one record.")
     try: data = load_dataset(**_load_kwargs(path), data_files=str(path), split="train", cache_dir=cache_dir)
     except ConfigError: raise
     except Exception as e:
-        problem = _json_problem(path) if path.suffix in (".json", ".jsonl") else _csv_problem(path) if path.suffix != ".parquet" else None
+        problem = (_first_bad_json_record(path) if path.suffix in (".json", ".jsonl") else
+                   None if path.suffix == ".parquet" else _first_bad_csv_row(path))
         raise ConfigError(f"{path}: {problem or f'could not be read ({type(e).__name__}: {e})'}.") from None
     require(len(data) > 0, f"{path}: the file holds no records; expected at least one.")
     return DatasetDict(train=data)
@@ -326,11 +337,11 @@ def local_dataset(path, # a .json, .jsonl, .csv, .tsv or .parquet file
 # %% ../nbs/05_formatters.ipynb #4ca2afd0
 def _offline_help(name, spec, error) -> str:
     f = FORMATTERS[name]
-    return (f"Data set {name!r} ({spec['path']}) could not be loaded from the Hugging Face hub ({type(error).__name__}: "
-            f"{str(error)[:200]}). The hub is unreachable from here (no network, or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE "
-            f"set) and the data set is not in the local cache. Download it where the hub is reachable, or point "
-            f"--dataset at a local .json/.jsonl/.csv/.tsv/.parquet file with the columns {list(f.columns + f.optional)} "
-            f"(and --dataset_format {name}).")
+    return (f"Data set {name!r} ({spec['path']}) could not be loaded from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error)[:200]}). The hub is unreachable from here (no network, or "
+            f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set) and the data set is not in the local cache. Download it where "
+            f"the hub is reachable, or point --dataset at a local .json/.jsonl/.csv/.tsv/.parquet file with the "
+            f"columns {list(f.columns + f.optional)} (and --dataset_format {name}).")
 
 # %% ../nbs/05_formatters.ipynb #03f42e63
 def hub_dataset(name: str, cache_dir=None) -> DatasetDict:
