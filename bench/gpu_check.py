@@ -2,7 +2,7 @@
 
 Run through `bash bench/gpu_check.sh` on a machine with one CUDA GPU (under 8 minutes on an H100-class card).
 `python bench/gpu_check.py --smoke` runs the same steps on a tiny model on the CPU, to check the script itself.
-The QLoRA run is repeated under FSDP (`accelerate launch --config_file configs/fsdp_qlora.yaml`, one process here):
+The QLoRA run is repeated under FSDP (`accelerate launch --config_file qlora_nb/configs/fsdp_qlora.yaml`, one process here):
 the 4-bit weights stored in bfloat16 wrapped by FSDP, trained, and the adapter saved and loaded back with peft.
 Prints a table last: tokens/s, peak GPU memory, weight bits per parameter, and the memory estimate vs the peak."""
 import argparse, gc, json, os, subprocess, sys, tempfile, time
@@ -16,7 +16,7 @@ from qlora_nb.lora import dtype_table
 from qlora_nb.quant import load_base_model
 from qlora_nb.tiny import make_alpaca_records, make_tiny_tokenizer, tiny_model_path
 from qlora_nb.train import train
-from qlora_nb.widgets import estimate_memory
+from qlora_nb.memory import estimate_memory
 
 ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # TinyLlama-1.1B's shape
@@ -58,9 +58,9 @@ def measure(flags: list) -> dict:
                 estimate=sum(estimate_memory(str(args.model_name_or_path), args).values()))
 
 def fsdp_run(flags: list, out: Path, smoke: bool) -> dict:
-    "`measure` in a process launched the way configs/fsdp_qlora.yaml says, with one process; then load the adapter."
+    "`measure` in a process launched the way qlora_nb/configs/fsdp_qlora.yaml says, with one process; then load the adapter."
     result = out.parent/f"{out.name}.json"
-    config = ["--cpu"] if smoke else ["--config_file", "configs/fsdp_qlora.yaml"]  # FSDP needs a GPU: smoke checks the rest
+    config = ["--cpu"] if smoke else ["--config_file", "qlora_nb/configs/fsdp_qlora.yaml"]  # FSDP needs a GPU: smoke checks the rest
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", "1", __file__, "--worker", str(result), "--"] + flags
     print("==>", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})

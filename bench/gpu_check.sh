@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bash bench/gpu_check.sh   -- on a machine with one CUDA GPU; under 8 minutes on an H100-class card; table last.
 # 1) the notebooks' `#| cuda` cells, 2) QLoRA 4-bit vs bf16 LoRA on a ~1B Llama built from a config, 3) the same
-# QLoRA run under FSDP (configs/fsdp_qlora.yaml, one process) -- all in bench/gpu_check.py but the first.
+# QLoRA run under FSDP (qlora_nb/configs/fsdp_qlora.yaml, one process) -- all in bench/gpu_check.py but the first.
 # On an offline machine with the dependencies installed by hand: QLORA_NB_VENV=none bash bench/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
