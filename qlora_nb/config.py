@@ -6,14 +6,16 @@ Docs: https://github.com/qlora-nb/qlora_nb/config.html.md"""
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'QUANT_TYPES', 'BITS', 'MMLU_DATASETS', 'MMLU_SPLITS', 'LEGACY_FLAGS',
-           'ARG_CLASSES', 'DERIVED_FIELDS', 'ConfigError', 'require', 'ModelArguments', 'DataArguments',
-           'check_quantization', 'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags', 'make_parser',
-           'known_flags', 'reject_unknown', 'merge_args', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml']
+           'ARG_CLASSES', 'DERIVED_FIELDS', 'ModelArguments', 'DataArguments', 'check_quantization', 'check_batching',
+           'check_run_length', 'check_intervals', 'check_resume_folder', 'TrainingArguments', 'GenerationArguments',
+           'translate_legacy_flags', 'make_parser', 'known_flags', 'flag_table', 'merge_args', 'parse_args', 'to_yaml',
+           'save_yaml', 'read_yaml', 'arg_value', 'cli_tokens', 'default_arg_values', 'args_values']
 
 # %% ../nbs/00_config.ipynb #ec043800
-import copy, dataclasses, difflib, sys
+import copy, dataclasses, enum, json, sys, warnings
 from dataclasses import dataclass, field
-from argparse import ArgumentTypeError, Namespace
+from argparse import SUPPRESS, ArgumentTypeError, Namespace
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +24,7 @@ import transformers
 from transformers import GenerationConfig, HfArgumentParser, Seq2SeqTrainingArguments
 from transformers.hf_argparser import string_to_bool
 
-# %% ../nbs/00_config.ipynb #e3e9d4ed
-class ConfigError(ValueError):
-    "A setting that cannot work, with a message that says which one and how to fix it."
-
-def require(ok: bool, # the condition that must hold
-            msg: str): # what the user sees when it does not
-    "Raise `ConfigError(msg)` unless `ok`."
-    if not ok: raise ConfigError(msg)
+from .checks import ConfigError, require, flag_names, reject_unknown, split_config
 
 # %% ../nbs/00_config.ipynb #75441e0b
 DATASET_NAMES = ["alpaca", "alpaca-clean", "chip2", "self-instruct", "hh-rlhf", "longform", "oasst1"]
@@ -82,7 +77,7 @@ class DataArguments:
             require(v is None or v > 0, f"{name} must be positive or left unset, got {v}.")
 
 # %% ../nbs/00_config.ipynb #f8c3a729
-def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp16, bf16):
+def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp16, bf16, lora_alpha=16):
     "Reject QLoRA settings that cannot work together, with the fix in the message."
     require(bits in BITS, f"bits must be one of {BITS}, got {bits}.")
     require(quant_type in QUANT_TYPES, f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}.")
@@ -90,8 +85,52 @@ def check_quantization(bits, quant_type, full_finetune, lora_r, lora_dropout, fp
             f"full_finetune trains every weight, which cannot be done on {bits}-bit quantized weights: "
             "use --bits 16 or --bits 32, or drop --full_finetune to train LoRA adapters.")
     require(lora_r >= 1, f"lora_r must be at least 1, got {lora_r}.")
+    require(lora_alpha > 0, f"lora_alpha must be positive (the update is scaled by lora_alpha / lora_r; qlora.py "
+            f"uses 16), got {lora_alpha}.")
     require(0 <= lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lora_dropout}.")
     require(not (fp16 and bf16), "fp16 and bf16 are both set: choose one compute dtype (bf16 on Ampere or newer GPUs).")
+
+# %% ../nbs/00_config.ipynb #96850e11
+def check_batching(t):
+    "Batch sizes and accumulation of at least 1, and a learning rate above 0 (`t`: the training arguments)."
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        require(getattr(t, name) >= 1, f"{name} must be at least 1 example, got {getattr(t, name)}. If a batch does "
+                "not fit in memory, use 1 and raise --gradient_accumulation_steps to keep the effective batch size.")
+    require(t.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be at least 1 (1: one batch per "
+            f"optimizer step), got {t.gradient_accumulation_steps}.")
+    require(t.learning_rate > 0, f"learning_rate must be positive, got {t.learning_rate}: qlora.py uses 2e-4 "
+            "(1e-4 for 33B and 65B models).")
+
+# %% ../nbs/00_config.ipynb #490952fc
+def check_run_length(t):
+    "Training that has steps to take, and a warm-up that fits in them (`t`: the training arguments)."
+    require(t.max_steps > 0 or t.max_steps == -1, f"max_steps must be a positive number of optimizer steps, or -1 to "
+            f"train for --num_train_epochs; got {t.max_steps}.")
+    if not t.do_train: return
+    require(t.max_steps > 0 or t.num_train_epochs > 0, f"Nothing to train: --max_steps {t.max_steps} and "
+            f"--num_train_epochs {t.num_train_epochs}. Give --max_steps N, or --num_train_epochs N (with --max_steps "
+            "-1), or --do_train false to only evaluate or predict.")
+    require(not (t.warmup_steps >= 1 and 0 < t.max_steps < t.warmup_steps), f"--warmup_steps {t.warmup_steps:g} is "
+            f"longer than the whole run (--max_steps {t.max_steps}): the learning rate would never reach "
+            "--learning_rate. Give fewer warm-up steps, or a fraction of the run (--warmup_steps 0.03: 3% of the steps).")
+
+# %% ../nbs/00_config.ipynb #9c98b3ab
+def check_intervals(t):
+    "Logging, evaluation and saving every N steps, with N above 0 (`t`: the training arguments)."
+    for what in ("logging", "eval", "save"):
+        strategy, steps, v = f"{what}_strategy", f"{what}_steps", getattr(t, f"{what}_steps")
+        # a 0 for logging or eval steps is transformers' to check (it refuses the one, falls back for the other)
+        if getattr(t, strategy) != "steps" or v is None or (v == 0 and what != "save"): continue
+        require(v > 0, f"{steps} must be positive (a number of steps, or a fraction of the run below 1) with "
+                f"--{strategy} steps, got {v:g}.")
+
+def check_resume_folder(path):
+    "`--resume_from_checkpoint` must name an existing folder."
+    if path is None or Path(path).is_dir(): return
+    problem = "it is a file, not a folder" if Path(path).exists() else "no such folder"
+    raise ConfigError(f"--resume_from_checkpoint {path}: {problem}. qlora-nb resumes by itself from the last checkpoint "
+                      "in --output_dir, so the flag can be left out; to resume from another checkpoint, give its folder "
+                      "(.../checkpoint-N).")
 
 # %% ../nbs/00_config.ipynb #ae8a414e
 @dataclass
@@ -144,9 +183,13 @@ class TrainingArguments(Seq2SeqTrainingArguments):
 
     def __post_init__(self):
         # checked before transformers sees them, so a mistake reads as a sentence about QLoRA
-        check_quantization(self.bits, self.quant_type, self.full_finetune, self.lora_r, self.lora_dropout, self.fp16, self.bf16)
+        check_quantization(self.bits, self.quant_type, self.full_finetune, self.lora_r, self.lora_dropout,
+                           self.fp16, self.bf16, self.lora_alpha)
+        check_batching(self); check_run_length(self); check_intervals(self)
+        check_resume_folder(self.resume_from_checkpoint)
         require(self.mmlu_source_max_len > 0, f"mmlu_source_max_len must be positive, got {self.mmlu_source_max_len}.")
-        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        require(self.max_mmlu_samples is None or self.max_mmlu_samples > 0,
+                f"max_mmlu_samples must be positive or left unset, got {self.max_mmlu_samples}.")
         try: super().__post_init__()
         except ValueError as e: raise ConfigError(str(e)) from None
 
@@ -169,12 +212,30 @@ class GenerationArguments:
     length_penalty: float = field(default=1.0, metadata={"help": "Beam-search length penalty."})
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size (0: off)."})
 
+    def __post_init__(self):  # GenerationConfig checks max_new_tokens; these it lets through
+        require(self.min_new_tokens is None or self.min_new_tokens >= 0,
+                f"min_new_tokens must be 0 or more, got {self.min_new_tokens}.")
+        for name in ("num_beams", "num_beam_groups"):
+            v = getattr(self, name)
+            require(v >= 1, f"{name} must be at least 1 (1: no beam search), got {v}.")
+        require(not self.do_sample or self.temperature > 0, f"temperature must be positive to sample (lower: surer, "
+                f"1: the model's own odds), got {self.temperature}.")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
+
     def to_generation_config(self) -> GenerationConfig:
         # generation always reuses past keys/values; `--use_cache` now belongs to transformers' TrainingArguments
-        return GenerationConfig(**dataclasses.asdict(self), use_cache=True)
+        try: return GenerationConfig(**dataclasses.asdict(self), use_cache=True)
+        except ValueError as e: raise ConfigError(f"Generation settings: {e}") from None
 
 # %% ../nbs/00_config.ipynb #61b6df36
-_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+def _is_bool(text) -> bool:
+    "Whether `text` reads as a boolean the way transformers' parser reads one (`string_to_bool`)."
+    try: string_to_bool(text); return True
+    except ArgumentTypeError: return False
+
+def _bool(name, text) -> bool:
+    require(_is_bool(text), f"--{name} takes true or false, got {text!r}.")
+    return string_to_bool(text)
 
 def _renamed(new, why=""):
     return lambda v: ([f"--{new}", v], f"--{{old}} is --{new} in transformers 5{why}.")
@@ -184,7 +245,8 @@ LEGACY_FLAGS = {
     "warmup_ratio": _renamed("warmup_steps", " (a float in [0, 1) is a fraction of the steps)"),
     "no_cuda": _renamed("use_cpu"),
     "gradient_checkpointing": _renamed("activation_checkpointing"),
-    "group_by_length": lambda v: (["--train_sampling_strategy", "group_by_length" if _BOOL_WORDS[v.lower()] else "random"],
+    "group_by_length": lambda v: (["--train_sampling_strategy",
+                                   "group_by_length" if _bool("group_by_length", v) else "random"],
         "--group_by_length is --train_sampling_strategy group_by_length in transformers 5."),
     "use_auth_token": lambda v: ([], "--use_auth_token is gone in transformers 5: the saved login or HF_TOKEN is used; pass --token to give one."),
     "logging_dir": lambda v: ([], "--logging_dir was removed in transformers 5 and is ignored: logs go to output_dir."),
@@ -202,7 +264,7 @@ def translate_legacy_flags(argv: list) -> tuple:
         if name not in LEGACY_FLAGS: out.append(tok); continue
         if not eq:
             if name in _LEGACY_BOOLS:
-                has_value = i < len(argv) and argv[i].lower() in _BOOL_WORDS
+                has_value = i < len(argv) and _is_bool(argv[i])
                 val = argv[i] if has_value else "true"
                 i += has_value
             else:
@@ -236,21 +298,18 @@ class _Parser(HfArgumentParser):
 
 def make_parser() -> HfArgumentParser:
     "The parser of every flag; `--config FILE.yaml` comes first and flags override it."
-    return _Parser(ARG_CLASSES, prog="qlora-nb train", allow_abbrev=False)
+    parser = _Parser(ARG_CLASSES, prog="qlora-nb train", allow_abbrev=False)
+    parser.add_argument("--config", metavar="RUN.yaml", default=SUPPRESS,  # read by `parse_args` before the parser runs
+                        help="Settings from a YAML file (`save_yaml` writes one); flags given beside it win.")
+    return parser
 
 def known_flags() -> list:
     "Every flag name the parser accepts, without dashes."
     return sorted({o[2:] for a in make_parser()._actions for o in a.option_strings if o.startswith("--")})
 
-# %% ../nbs/00_config.ipynb #53d33b7c
-def reject_unknown(names, where="command line"):
-    "Raise a `ConfigError` naming each unknown flag and the closest known one."
-    known = known_flags()
-    msgs = []
-    for n in names:
-        close = difflib.get_close_matches(n, known, n=1, cutoff=0.6)
-        msgs.append(f"--{n}" + (f" (did you mean --{close[0]}?)" if close else ""))
-    require(not msgs, f"Unknown setting(s) on the {where}: {', '.join(msgs)}. `qlora-nb train --help` lists them all.")
+def flag_table() -> dict:
+    "What `qlora-nb` checks a command line against before it imports transformers: the names it takes, and its help."
+    return dict(names=sorted({*known_flags(), *LEGACY_FLAGS}), help=make_parser().format_help())
 
 # %% ../nbs/00_config.ipynb #db7229a7
 def merge_args(model_args, data_args, training_args, generation_args) -> Namespace:
@@ -264,29 +323,22 @@ def merge_args(model_args, data_args, training_args, generation_args) -> Namespa
 def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
                quiet=False): # do not print notices about old spellings
     "Parse `qlora.py`-compatible flags (and `--config run.yaml`) into one validated namespace."
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # `train -- --flags`: no setting is positional, so a `--` (end of options) only hid the flags after it
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
     argv, notices = translate_legacy_flags(argv)
     parser = make_parser()
-    config = _pop_config(argv)
+    config, argv = split_config(argv)
     if config is not None:
         values, more = read_yaml(config)
         parser.set_defaults(**values); notices += more
     *objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    reject_unknown([r[2:].partition("=")[0] for r in rest if r.startswith("--")])
+    if rest: reject_unknown(flag_names(rest), known_flags())
     require(not rest, f"Unexpected value(s) on the command line: {' '.join(rest)}.")
     args = merge_args(*objs)
     args.notices = notices
     if not quiet:
         for n in notices: print(f"qlora_nb: {n}", file=sys.stderr)
     return args
-
-def _pop_config(argv):
-    for i, tok in enumerate(argv):
-        if tok == "--config":
-            require(i + 1 < len(argv), "--config needs a YAML file.")
-            path = argv[i + 1]; del argv[i:i + 2]; return path
-        if tok.startswith("--config="):
-            del argv[i]; return tok.split("=", 1)[1]
 
 # %% ../nbs/00_config.ipynb #15d41550
 def _as_dict(o): return o.to_dict() if hasattr(o, "to_dict") else dataclasses.asdict(o)
@@ -327,10 +379,46 @@ def read_yaml(path) -> tuple:
     require(path.is_file(), f"Config file {path} does not exist.")
     try: values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e: raise ConfigError(f"Config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    require(isinstance(values, dict), f"Config file {path} must hold `name: value` lines, got {type(values).__name__}.")
+    require(values is not None, f"Config file {path} is empty (or only comments): write one `name: value` line per "
+            "setting, such as `lora_r: 64`; `qlora-nb train --help` lists them.")
+    require(isinstance(values, dict), f"Config file {path} must hold `name: value` lines, such as `lora_r: 64`, but it "
+            f"holds {'a list' if isinstance(values, list) else f'the single value {values!r:.40}'}.")
+    values = {str(k): v for k, v in values.items()}
     legacy = {k for k in values if k in LEGACY_FLAGS}
     new_argv, notices = translate_legacy_flags([a for k in legacy for a in (f"--{k}", str(values[k]))])
     values = {k: v for k, v in values.items() if k not in legacy}
     values.update({new_argv[i][2:]: new_argv[i + 1] for i in range(0, len(new_argv), 2)})
-    reject_unknown([k for k in values if k not in known_flags()], where=f"config file {path}")
+    reject_unknown(values, set(known_flags()) - {"config"}, where=f"config file {path}")  # no --config inside a config
     return values, notices
+
+# %% ../nbs/00_config.ipynb #38a15062
+# DERIVED_FIELDS (above) are set from other fields, never passed by hand: transformers mirrors
+# activation_checkpointing* into the deprecated gradient_checkpointing*; generation_config comes from the generation settings
+def arg_value(name: str, v):
+    "A parsed setting as the form holds it."
+    if isinstance(v, enum.Enum): return v.value
+    if name == "report_to" and isinstance(v, list): return ",".join(v) or "none"
+    return v
+
+# %% ../nbs/00_config.ipynb #f1fd4d04
+def cli_tokens(name: str, value) -> list:
+    "The command-line tokens that set `name` to `value`."
+    if value is True: return [f"--{name}"]
+    require(value is not None, f"{name} cannot be unset on the command line (its default is a value): give it one.")
+    if isinstance(value, (list, tuple)): return [f"--{name}", *map(str, value)]
+    return [f"--{name}", json.dumps(value) if isinstance(value, dict) else str(value)]
+
+# %% ../nbs/00_config.ipynb #80adac9d
+@lru_cache(maxsize=1)
+def default_arg_values() -> dict:
+    "Every setting's value when no flag is given, as the form holds it."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = parse_args([], quiet=True)
+    return args_values(args)
+
+# %% ../nbs/00_config.ipynb #3359125c
+def args_values(args) -> dict:
+    "Every setting of a `parse_args` namespace, by name, normalised with `arg_value`."
+    objs = (args.model_args, args.data_args, args.training_args, args.generation_args)
+    return {f.name: arg_value(f.name, getattr(o, f.name)) for o in objs for f in dataclasses.fields(o) if f.init}

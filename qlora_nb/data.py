@@ -8,7 +8,7 @@ Docs: https://github.com/qlora-nb/qlora_nb/data.html.md"""
 __all__ = ['IGNORE_INDEX', 'EVAL_SPLITS', 'encode_sources', 'encode_targets', 'tokenize_examples', 'tokenize_dataset',
            'example_labels', 'pad_to_longest', 'DataCollatorForCausalLM', 'cut_source', 'pack_lengths', 'pack_examples',
            'pack_dataset', 'segment_ids', 'block_diagonal_mask', 'packed_attention_isolates', 'split_train_eval',
-           'take_first', 'formatted_splits', 'make_data_module']
+           'take_first', 'check_answers', 'formatted_splits', 'make_data_module']
 
 # %% ../nbs/06_data.ipynb #ba5bef0b
 import bisect
@@ -32,7 +32,8 @@ def encode_sources(tokenizer, texts: list, max_len: int) -> list:
 
 def encode_targets(tokenizer, texts: list, max_len: int) -> list:
     "Answer ids: the text's tokens + EOS, cut to the first `max_len`."
-    return [(ids + [tokenizer.eos_token_id])[:max_len] for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
+    encoded = tokenizer(list(texts), add_special_tokens=False).input_ids
+    return [(ids + [tokenizer.eos_token_id])[:max_len] for ids in encoded]
 
 # %% ../nbs/06_data.ipynb #25c6229f
 def tokenize_examples(batch: dict, tokenizer, source_max_len: int, target_max_len: int,
@@ -40,7 +41,8 @@ def tokenize_examples(batch: dict, tokenizer, source_max_len: int, target_max_le
     "A batched `map` function: `source_ids`, `target_ids` and the length in tokens of `{input, output}` records."
     sources = encode_sources(tokenizer, batch["input"], source_max_len)
     targets = encode_targets(tokenizer, batch["output"], target_max_len)
-    return {"source_ids": sources, "target_ids": targets, length_column: [len(s) + len(t) for s, t in zip(sources, targets)]}
+    return {"source_ids": sources, "target_ids": targets,
+            length_column: [len(s) + len(t) for s, t in zip(sources, targets)]}
 
 def tokenize_dataset(dataset: Dataset, tokenizer, source_max_len: int, target_max_len: int,
                      length_column: str = "length") -> Dataset:
@@ -71,7 +73,8 @@ class DataCollatorForCausalLM:
     target_max_len: int # answer tokens kept, EOS included; a longer answer loses its end
     train_on_source: bool = False # also put the loss on the prompt
     predict_with_generate: bool = False # batches of prompts only, left padded, for `generate`
-    packed_mask_dtype: torch.dtype = None # packed rows: None lets the model separate examples by their position ids; a dtype adds an explicit block-diagonal mask
+    # packed rows: None lets the model separate examples by their position ids; a dtype adds a block-diagonal mask
+    packed_mask_dtype: torch.dtype = None
 
     @property
     def pad_id(self) -> int:
@@ -93,7 +96,8 @@ def example_ids(self: DataCollatorForCausalLM, instances: list) -> list:
     if all("source_ids" in r for r in instances):
         return [(cut_source(r["source_ids"], self.source_max_len, self.tokenizer.bos_token_id),
                  list(r["target_ids"][:self.target_max_len])) for r in instances]
-    bad = next((r for r in instances if not (isinstance(r.get("input"), str) and isinstance(r.get("output"), str))), None)
+    texts = lambda r: isinstance(r.get("input"), str) and isinstance(r.get("output"), str)
+    bad = next((r for r in instances if not texts(r)), None)
     require(bad is None, f"DataCollatorForCausalLM needs records with text 'input' and 'output' (or 'source_ids' and "
             f"'target_ids' from tokenize_dataset); got one with {sorted(bad or {})}.")
     return list(zip(encode_sources(self.tokenizer, [r["input"] for r in instances], self.source_max_len),
@@ -150,7 +154,8 @@ def pack_examples(batch: dict, row_len: int, train_on_source: bool = False, leng
         for k, v in zip(out, (ids, labels, pos, len(ids))): out[k].append(v)
     return out
 
-def pack_dataset(tokenized: Dataset, row_len: int, train_on_source: bool = False, length_column: str = "length") -> Dataset:
+def pack_dataset(tokenized: Dataset, row_len: int, train_on_source: bool = False,
+                 length_column: str = "length") -> Dataset:
     "A data set of packed rows from a `tokenize_dataset` result (cached like any `map`)."
     ids = tokenized.select_columns(["source_ids", "target_ids"])  # the text is not needed: do not read it
     return ids.map(pack_examples, batched=True, batch_size=None, remove_columns=ids.column_names, desc="Packing",
@@ -163,8 +168,10 @@ def packed_batch(self: DataCollatorForCausalLM, rows: list) -> dict:
     n = max(len(r["input_ids"]) for r in rows)
     batch = dict(input_ids=pad_to_longest([r["input_ids"] for r in rows], self.pad_id),
                  labels=pad_to_longest([r["labels"] for r in rows], IGNORE_INDEX),
-                 position_ids=torch.tensor([list(r["position_ids"]) + list(range(n - len(r["input_ids"]))) for r in rows]))
-    if self.packed_mask_dtype is not None: batch["attention_mask"] = block_diagonal_mask(batch["position_ids"], self.packed_mask_dtype)
+                 position_ids=torch.tensor([list(r["position_ids"]) + list(range(n - len(r["input_ids"])))
+                                            for r in rows]))
+    if self.packed_mask_dtype is not None:
+        batch["attention_mask"] = block_diagonal_mask(batch["position_ids"], self.packed_mask_dtype)
     return batch
 
 # %% ../nbs/06_data.ipynb #c2517b0c
@@ -206,16 +213,26 @@ def take_first(dataset, n):
     return dataset if dataset is None or n is None or len(dataset) <= n else dataset.select(range(n))
 
 # %% ../nbs/06_data.ipynb #1eaf1674
+def check_answers(train, # the formatted training split
+                  where: str): # the data set's name or file, for the message
+    "Raise a `ConfigError` when every training answer is empty: there would be nothing to learn."
+    require(any(o.strip() for o in train["output"]), f"{where}: every answer is empty: the 'output' of all "
+            f"{len(train)} training examples is blank, so training would learn nothing. Fill in the answers (the "
+            "'output' column for alpaca and input-output files), or give the --dataset_format the file is written in.")
+
 def formatted_splits(args) -> tuple:
-    "(train, eval) as `{input, output}` records, cut to `max_train_samples` / `max_eval_samples`."
+    "(train, eval) as `{input, output}` records, cut to `max_train_samples` / `max_eval_samples`; needs no tokenizer."
     data = format_dataset(load_data(args.dataset, args), args.dataset_format, args.dataset)
     train, evaluation = split_train_eval(data, args.eval_dataset_size, args.do_eval or args.do_predict)
+    if args.do_train: check_answers(train, args.dataset)
     return take_first(train, args.max_train_samples), take_first(evaluation, args.max_eval_samples)
 
+
 # %% ../nbs/06_data.ipynb #2a63955f
-def make_data_module(tokenizer, args) -> dict:
-    "`train_dataset`, `eval_dataset`, `predict_dataset` and the `data_collator` for `--dataset` (qlora.py's `make_data_module`)."
-    train, evaluation = formatted_splits(args)
+def make_data_module(tokenizer, args,
+                     splits=None) -> dict: # `formatted_splits(args)` when already made (checked before loading)
+    "The `train_dataset`, `eval_dataset`, `predict_dataset` and `data_collator` for `--dataset`, as in `qlora.py`."
+    train, evaluation = formatted_splits(args) if splits is None else splits
     length_column = getattr(args, "length_column_name", "length")
     tokenize = lambda d: tokenize_dataset(d, tokenizer, args.source_max_len, args.target_max_len, length_column)
     train = tokenize(train) if args.do_train else None

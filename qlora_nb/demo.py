@@ -60,8 +60,8 @@ def instruction_pairs(n: int, seed: int, classes=("symbol", "digit", "capital le
     rng, out = random.Random(seed), []
     for _ in range(n):
         cls = rng.choice(classes); ch = rng.choice(CHARACTER_CLASSES[cls])
-        out.append(dict(input=ALPACA_PROMPT_DICT["prompt_no_input"].format(instruction=f"What kind of character is {ch}?"),
-                        output=f"{ch} is a {cls}."))
+        prompt = ALPACA_PROMPT_DICT["prompt_no_input"].format(instruction=f"What kind of character is {ch}?")
+        out.append(dict(input=prompt, output=f"{ch} is a {cls}."))
     return out
 
 # %% ../nbs/12_demo.ipynb #7361b6af
@@ -75,12 +75,13 @@ def write_demo_data(folder, sizes) -> dict:
     "The demo's data files in `folder`: {pretrain, finetune, mmlu (a folder of MMLU files)}."
     folder = Path(folder)
     pretrain = choice_questions(BASE_SUBJECTS, sizes.pretrain_per_subject, seed=1)
-    finetune = (choice_questions([NEW_SUBJECT], sizes.finetune_new, seed=2) + choice_questions(BASE_SUBJECTS, sizes.finetune_old, seed=3)
+    finetune = (choice_questions([NEW_SUBJECT], sizes.finetune_new, seed=2)
+                + choice_questions(BASE_SUBJECTS, sizes.finetune_old, seed=3)
                 + instruction_pairs(sizes.instructions, seed=4))
     evaluation = choice_questions(list(SUBJECTS), sizes.eval_per_subject, seed=5)
     for split in ("val", "test"): write_records(folder/"mmlu"/f"zero_shot_mmlu_{split}.json", evaluation)
-    return dict(pretrain=write_records(folder/"pretrain.jsonl", pretrain), finetune=write_records(folder/"finetune.jsonl", finetune),
-                mmlu=folder/"mmlu")
+    return dict(pretrain=write_records(folder/"pretrain.jsonl", pretrain),
+                finetune=write_records(folder/"finetune.jsonl", finetune), mmlu=folder/"mmlu")
 
 # %% ../nbs/12_demo.ipynb #4a649a57
 @dataclass(frozen=True)
@@ -104,9 +105,11 @@ def pretrain_flags(data_file, output_dir, sizes: DemoSizes) -> list:
     "The `qlora-nb train` flags of the base model's pretraining."
     return ["--model_name_or_path", str(tiny_model_path(**BASE_MODEL)), "--dataset", str(data_file),
             "--dataset_format", "input-output", "--output_dir", str(output_dir), "--full_finetune", "--bits", "32",
-            "--max_steps", str(sizes.pretrain_steps), "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1",
-            "--learning_rate", "2e-3", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "0.1", "--max_grad_norm", "1.0",
-            "--optim", "adamw_torch", "--activation_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "50",
+            "--max_steps", str(sizes.pretrain_steps), "--per_device_train_batch_size", "32",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "2e-3",
+            "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "0.1", "--max_grad_norm", "1.0",
+            "--optim", "adamw_torch",
+            "--activation_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "50",
             "--source_max_len", "64", "--target_max_len", "4", "--train_sampling_strategy", "random", "--seed", "0",
             "--dataloader_pin_memory", "false"]
 
@@ -119,7 +122,8 @@ def pretrained_base(sizes: DemoSizes = DEMO, # the recipe; the cache holds one b
     if (path/"completed").exists(): return path
     if not quiet: say(f"pretraining the demo's base model (once; cached in {path})...")
     def pretrain(work):
-        data = write_records(work/"data"/"pretrain.jsonl", choice_questions(BASE_SUBJECTS, sizes.pretrain_per_subject, seed=1))
+        questions = choice_questions(BASE_SUBJECTS, sizes.pretrain_per_subject, seed=1)
+        data = write_records(work/"data"/"pretrain.jsonl", questions)
         train(pretrain_flags(data, work, sizes))
     return build_once(path, pretrain, done="completed")
 
@@ -128,10 +132,12 @@ def finetune_flags(base, data_file, output_dir, sizes: DemoSizes) -> list:
     "The `qlora-nb train` flags of the demo's QLoRA run."
     return ["--model_name_or_path", str(base), "--dataset", str(data_file), "--dataset_format", "input-output",
             "--output_dir", str(output_dir), "--lora_r", "16", "--lora_alpha", "16", "--learning_rate", "3e-3",
-            "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "0.05", "--train_sampling_strategy", "random",
-            "--max_steps", str(sizes.finetune_steps), "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1",
-            "--save_steps", str(max(sizes.finetune_steps // 3, 1)), "--save_total_limit", "2", "--logging_steps", str(max(sizes.finetune_steps // 30, 1)),
-            "--activation_checkpointing", "false", "--max_grad_norm", "1.0", "--source_max_len", "96", "--target_max_len", "16",
+            "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "0.05",
+            "--train_sampling_strategy", "random", "--max_steps", str(sizes.finetune_steps),
+            "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1",
+            "--save_steps", str(max(sizes.finetune_steps // 3, 1)), "--save_total_limit", "2",
+            "--logging_steps", str(max(sizes.finetune_steps // 30, 1)), "--activation_checkpointing", "false",
+            "--max_grad_norm", "1.0", "--source_max_len", "96", "--target_max_len", "16",
             "--dataloader_pin_memory", "false", "--seed", "0"]
 
 def mmlu_flags(base, mmlu_folder, output_dir) -> list:
@@ -159,7 +165,8 @@ def loss_before_after(state: dict, n: int = 3) -> tuple:
 
 def save_plots(state: dict, before: dict, after: dict, output_dir) -> list:
     "The loss curve and the accuracy per subject, before and after, as PNG files in `output_dir`."
-    figures = {"training_curves.png": plot_training_curves(state, title="QLoRA fine-tuning of the demo's base model")[0],
+    curves = plot_training_curves(state, title="QLoRA fine-tuning of the demo's base model")[0]
+    figures = {"training_curves.png": curves,
                "mmlu_per_subject.png": plot_mmlu_per_subject(before, after, ("before", "after"),
                                                              title="Accuracy per subject, before and after QLoRA")[0]}
     for name, fig in figures.items(): fig.savefig(Path(output_dir)/name, dpi=110); plt.close(fig)
@@ -174,10 +181,12 @@ def summary(before: dict, after: dict, losses: tuple, output_dir, base, seconds:
              f"{'accuracy (chance: 0.25)':<28} before  after"]
     for subject in after["per_subject"]:
         tag = "  <- taught by QLoRA" if subject == NEW_SUBJECT else "  (pretrained)"
-        lines.append(f"  {subject:<26} {before['per_subject'][subject]['accuracy']:6.2f} {after['per_subject'][subject]['accuracy']:6.2f}{tag}")
+        was, now = before["per_subject"][subject]["accuracy"], after["per_subject"][subject]["accuracy"]
+        lines.append(f"  {subject:<26} {was:6.2f} {now:6.2f}{tag}")
     lines.append(f"  {'all questions':<26} {before['accuracy']:6.2f} {after['accuracy']:6.2f}")
     lines += [f"files in {out}:",
-              f"  adapter_model/           the LoRA adapter: PeftModel.from_pretrained(base model, '{out/'adapter_model'}')",
+              "  adapter_model/           the LoRA adapter: "
+              f"PeftModel.from_pretrained(base model, '{out/'adapter_model'}')",
               "  metrics.json             metrics, configuration, package versions",
               "  mmlu_eval_before.json    accuracy per subject before; mmlu_eval.json: after",
               "  training_curves.png      the loss during QLoRA; mmlu_per_subject.png: accuracy before and after",
@@ -191,7 +200,8 @@ def record_demo(output_dir, base, before: dict, after: dict, sizes: DemoSizes):
     path = Path(output_dir)/"metrics.json"
     record = json.loads(path.read_text())
     record["demo"] = {"base_model": str(base), "sizes": asdict(sizes),
-                      **{f"mmlu_{name}": {"accuracy": r["accuracy"], "per_subject": {s: v["accuracy"] for s, v in r["per_subject"].items()}}
+                      **{f"mmlu_{name}": {"accuracy": r["accuracy"],
+                                          "per_subject": {s: v["accuracy"] for s, v in r["per_subject"].items()}}
                          for name, r in (("before", before), ("after", after))}}
     write_json_atomic(path, record)
 
@@ -199,7 +209,8 @@ def record_demo(output_dir, base, before: dict, after: dict, sizes: DemoSizes):
 def parse_demo_args(argv: list) -> argparse.Namespace:
     "`qlora-nb demo [--output_dir DIR]`."
     parser = argparse.ArgumentParser(prog="qlora-nb demo", allow_abbrev=False,
-                                     description="Offline QLoRA demo on a tiny model: pretrain a base, evaluate, fine-tune, evaluate, plot.")
+                                     description="Offline QLoRA demo on a tiny model: pretrain a base, evaluate, "
+                                                 "fine-tune, evaluate, plot.")
     parser.add_argument("--output_dir", default="demo_output", help="folder for the adapter, metrics, plots and data")
     args, unknown = parser.parse_known_args(argv)
     require(not unknown, f"Unknown setting(s) for `qlora-nb demo`: {' '.join(unknown)}. It takes only --output_dir.")
@@ -209,7 +220,8 @@ def parse_demo_args(argv: list) -> argparse.Namespace:
 def run_demo(output_dir, sizes: DemoSizes = DEMO) -> dict:
     "Pretrain (or reuse) the base, evaluate, fine-tune with QLoRA, evaluate again, plot; returns the results."
     start, out = time.time(), check_output_dir(output_dir)
-    require(not (out/"completed").exists(), f"{out} already holds a finished demo: remove it or choose another --output_dir.")
+    require(not (out/"completed").exists(),
+            f"{out} already holds a finished demo: remove it or choose another --output_dir.")
     files = write_demo_data(out/"data", sizes)
     base = pretrained_base(sizes)
     before = evaluate(base, files["mmlu"], out, name="mmlu_eval_before.json")
@@ -222,7 +234,8 @@ def run_demo(output_dir, sizes: DemoSizes = DEMO) -> dict:
                 summary=summary(before, after, losses, out, base, time.time() - start))
 
 QUIET_WARNINGS = ["Paged optimizers are not supported on CPU",  # bitsandbytes: plain AdamW is used, as it says
-                  ".*deprecated and will be removed in v6", ".*torch.jit.script_method.* is deprecated"]  # library internals
+                  ".*deprecated and will be removed in v6",  # library internals
+                  ".*torch.jit.script_method.* is deprecated"]
 
 def demo_main(argv=None) -> int:
     "`qlora-nb demo`: run the demo and print its summary; returns the exit status."

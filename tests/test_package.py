@@ -23,3 +23,23 @@ def test_cli_names_an_unknown_command_without_a_traceback():
     r = run("-m", "qlora_nb", "trian")
     assert r.returncode == 2
     assert "did you mean 'train'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+def test_bare_command_prints_the_usage_as_an_error():
+    r = run("-m", "qlora_nb")
+    assert (r.returncode, r.stdout) == (2, "") and "usage: qlora-nb COMMAND" in r.stderr, r.stderr
+
+def test_train_help_lists_config():
+    r = run("-m", "qlora_nb", "train", "--help")
+    assert r.returncode == 0 and "--config RUN.yaml" in r.stdout and "--lora_r LORA_R" in r.stdout, r.stderr[-2000:]
+
+FAST_PATH = """import contextlib, io, sys
+from qlora_nb.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    codes = [main(argv) for argv in ([], ["--help"], ["train", "--help"], ["train", "--lora_rr", "3"], ["mmlu", "--help"])]
+print(codes, sorted(m for m in ("torch", "transformers", "bitsandbytes", "peft", "datasets") if m in sys.modules))"""
+
+def test_answers_that_need_no_model_import_no_torch():
+    "The usage, `train --help` and a misspelled flag come from the standard library alone (timed: bench/bench_startup.py)."
+    run("-m", "qlora_nb", "train", "--help")  # builds the flag table if this checkout has none cached yet
+    r = run("-c", FAST_PATH)
+    assert r.stdout.strip() == "[2, 0, 0, 2, 0] []", r.stdout + r.stderr[-2000:]
