@@ -337,7 +337,7 @@ def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
     args = merge_args(*objs)
     args.notices = notices
     if not quiet:
-        for n in notices: print(f"qlora_nb: {n}", file=sys.stderr)
+        for n in notices: print(f"qlora-nb: {n}", file=sys.stderr)
     return args
 
 # %% ../nbs/00_config.ipynb #15d41550

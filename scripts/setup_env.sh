@@ -25,6 +25,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q "torch==2.13.0" || "$VENV/bin/python" -m pip install -q torch
   fi
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  # qlora-nb answers --help and flag typos from a table of flag names it builds once (importing transformers takes
+  # seconds): build it now, so a newcomer's first command is not the slow one
+  "$VENV/bin/qlora-nb" train --help > /dev/null 2>&1 || true
   echo "$want" > "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

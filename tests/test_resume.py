@@ -1,54 +1,24 @@
 """Exact resume with real process kills: `python -m qlora_nb train` is SIGKILLed after a checkpoint, or in the
 middle of writing one, started again with the same command, and must end with the adapter of a run that was never
-interrupted. Also: a damaged checkpoint, or --max_steps behind the checkpoint, stops with a message and exit 2."""
-import json, os, shutil, signal, subprocess, sys, textwrap, time
+interrupted. A run killed after its last checkpoint (during evaluation or prediction) is finished from it without
+training. Also: a damaged checkpoint, --max_steps behind the checkpoint, or settings other than the checkpoint's stop
+with a message and exit 2, writing nothing."""
+import json, shutil, textwrap
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from qlora_nb.tiny import tiny_model_path
+from conftest import kill, listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
+from qlora_nb.files import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 STEPS, SAVE_EVERY = 12, 4
+RUN = dict(max_steps=STEPS, save_steps=SAVE_EVERY, lora_dropout=0.1, gradient_accumulation_steps=2, seed=7)
 
 
-def flags(data, out, *more):
-    return ["train", "--model_name_or_path", str(tiny_model_path()), "--dataset", str(data), "--output_dir", str(out),
-            "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.1", "--max_steps", str(STEPS),
-            "--save_steps", str(SAVE_EVERY), "--learning_rate", "1e-3", "--per_device_train_batch_size", "4",
-            "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--source_max_len", "48",
-            "--target_max_len", "24", "--disable_tqdm", "true", "--seed", "7", *more]
-
-
-def start(args, prelude=""):
-    "`python -m qlora_nb ARGS` as a child process (`prelude`: Python run first in the same process)."
-    code = prelude + "\nimport sys, runpy; sys.argv = ['qlora_nb'] + sys.argv[1:]; runpy.run_module('qlora_nb', run_name='__main__')"
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def run(args, prelude="", timeout=300):
-    p = start(args, prelude)
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out, err
-
-
-def wait_for(path, proc, timeout=240):
-    "Poll until `path` exists; fail if the child exits first."
-    end = time.time() + timeout
-    while not Path(path).exists():
-        assert proc.poll() is None, f"the run ended before {path} appeared:\n{proc.communicate()[1][-3000:]}"
-        assert time.time() < end, f"{path} did not appear in {timeout}s"
-        time.sleep(0.02)
-
-
-def kill(proc):
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+def flags(data, out, *more, **overrides):
+    "The run every test makes: 12 steps, a checkpoint every 4, evaluation and predictions at the end."
+    return ["train", *tiny_flags(data, out, "--do_eval", "--do_predict", *more, **{**RUN, **overrides})]
 
 
 def adapter(out):
@@ -73,19 +43,22 @@ def data(alpaca_file): return alpaca_file(80)
 def reference(data, tmp_path_factory):
     "A run that was never interrupted."
     out = tmp_path_factory.mktemp("reference")/"run"
-    rc, _, err = run(flags(data, out))
+    rc, _, err = run_qlora_nb(*flags(data, out))
     assert rc == 0, err[-3000:]
-    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
     return out
+
+
+def metrics(out): return json.loads((Path(out)/"metrics.json").read_text())["metrics"]
 
 
 def test_sigkill_after_a_checkpoint_resumes_exactly(data, reference, tmp_path):
     out = tmp_path/"run"
-    proc = start(flags(data, out))
+    proc = start_qlora_nb(*flags(data, out))
     wait_for(out/"checkpoint-4", proc)
     kill(proc)
     assert not (out/"completed").exists() and not (out/"adapter_model").exists()
-    rc, _, err = run(flags(data, out))  # the same command again
+    rc, _, err = run_qlora_nb(*flags(data, out))  # the same command again
     assert rc == 0, err[-3000:]
     assert "resuming from" in err and "checkpoint-" in err
     assert max_difference(adapter(out), adapter(reference)) <= 1e-6
@@ -107,17 +80,16 @@ HANG_WHILE_SAVING = textwrap.dedent("""
 """)
 
 
-def test_sigkill_while_writing_a_checkpoint(data, reference, tmp_path, monkeypatch):
+def test_sigkill_while_writing_a_checkpoint(data, reference, tmp_path):
     out, flag = tmp_path/"run", tmp_path/"hanging"
-    monkeypatch.setitem(ENV, "HANG_FLAG", str(flag))
-    proc = start(flags(data, out), HANG_WHILE_SAVING)
+    proc = start_qlora_nb(*flags(data, out), prelude=HANG_WHILE_SAVING, env={"HANG_FLAG": str(flag)})
     wait_for(flag, proc)
     kill(proc)
     # transformers alone would now have a checkpoint-8/ without scheduler, random state or trainer state
     assert not (out/"checkpoint-8").exists()
     assert (out/".incomplete"/"checkpoint-8"/"optimizer.pt").exists()
     assert not (out/".incomplete"/"checkpoint-8"/"trainer_state.json").exists()
-    rc, _, err = run(flags(data, out))
+    rc, _, err = run_qlora_nb(*flags(data, out))
     assert rc == 0, err[-3000:]
     assert "removed checkpoint-8 from" in err and "stopped while writing it" in err
     assert f"resuming from {out/'checkpoint-4'}" in err
@@ -126,8 +98,38 @@ def test_sigkill_while_writing_a_checkpoint(data, reference, tmp_path, monkeypat
     assert not (out/".incomplete").exists()
 
 
-def listing(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*"))
+# Runs in the child process: the evaluation (or the writing of the predictions) after training announces itself and
+# hangs, so the test can kill the process after checkpoint-12, the last one, and before `completed`.
+HANG_AFTER_TRAINING = textwrap.dedent("""
+    import os, time
+    def _hang(*a, **k): open(os.environ["HANG_FLAG"], "w").close(); time.sleep(3600)
+    if os.environ["HANG_IN"] == "evaluation":
+        import transformers; transformers.Trainer.evaluate = _hang
+    else:
+        import qlora_nb.predict; qlora_nb.predict.write_predictions = _hang
+""")
+
+
+@pytest.mark.parametrize("stage", ["evaluation", "prediction"])
+def test_sigkill_after_the_last_checkpoint_finishes_without_training(data, reference, tmp_path, stage):
+    out, flag = tmp_path/"run", tmp_path/"hanging"
+    env = {"HANG_FLAG": str(flag), "HANG_IN": stage}
+    proc = start_qlora_nb(*flags(data, out), prelude=HANG_AFTER_TRAINING, env=env)
+    wait_for(flag, proc)
+    kill(proc)
+    assert (out/"checkpoint-12").is_dir() and not (out/"completed").exists() and not (out/"metrics.json").exists()
+    rc, _, err = run_qlora_nb(*flags(data, out))  # the same command again
+    assert rc == 0, err[-3000:]
+    assert f"{out/'checkpoint-12'} is the run's last step (12): finishing the run from it without training" in err
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]  # no 13th step
+    assert max_difference(adapter(out), adapter(reference)) == 0.0
+    assert losses(out) == losses(reference)
+    finished, whole = metrics(out), metrics(reference)
+    assert finished["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-6)
+    assert finished["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-5)  # the mean over the 12 logged steps
+    assert finished["epoch"] == whole["epoch"] and "train_runtime" not in finished  # nothing was trained or timed
+    assert (out/"predictions.jsonl").read_text() == (reference/"predictions.jsonl").read_text()
+    assert (out/"completed").exists()
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -141,7 +143,7 @@ def test_damaged_checkpoint_stops_with_advice(data, reference, tmp_path, damage,
     for name in ("checkpoint-4", "checkpoint-8"): shutil.copytree(reference/name, out/name)
     damage(out/"checkpoint-8")
     before = listing(out)
-    rc, _, err = run(flags(data, out))
+    rc, _, err = run_qlora_nb(*flags(data, out))
     assert rc == 2, err[-3000:]
     assert f"Cannot resume from {out/'checkpoint-8'}: {problem}" in err
     assert "Delete that folder to resume from checkpoint-4, or pass --start_over" in err
@@ -152,7 +154,32 @@ def test_max_steps_behind_the_checkpoint(data, reference, tmp_path):
     out = tmp_path/"run"
     shutil.copytree(reference/"checkpoint-8", out/"checkpoint-8")
     before = listing(out)
-    rc, _, err = run(flags(data, out, "--max_steps", "6"))
+    rc, _, err = run_qlora_nb(*flags(data, out, max_steps=6))
     assert rc == 2
     assert "checkpoint-8 is at step 8, past --max_steps 6: pass --max_steps 8 or more" in err
     assert listing(out) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lora_r=8), "was trained with --lora_r 4; this command says --lora_r 8."),  # the adapter stays r=4 regardless
+    (dict(quant_type="fp4", learning_rate=1e-4), "was trained with --quant_type nf4 --learning_rate 0.001; "
+                                                 "this command says --quant_type fp4 --learning_rate 0.0001."),
+])
+def test_resuming_with_other_settings_stops(data, reference, tmp_path, change, message):
+    out = tmp_path/"run"
+    shutil.copytree(reference/"checkpoint-8", out/"checkpoint-8")
+    before = listing(out)
+    rc, _, err = run_qlora_nb(*flags(data, out, **change))
+    assert rc == 2, err[-3000:]
+    assert f"{out/'checkpoint-8'} {message}" in err and "pass --" in err and "--start_over" in err
+    assert "Traceback" not in err
+    assert listing(out) == before  # nothing written
+
+
+def test_missing_mmlu_files_stop_before_anything_is_created(data, tmp_path):
+    "--do_mmlu_eval offline without MMLU files: the message comes before the model loads, and no output_dir is left."
+    out = tmp_path/"run"
+    rc, _, err = run_qlora_nb(*flags(data, out, "--do_mmlu_eval", "--mmlu_path", str(tmp_path/"nowhere")))
+    assert rc == 2, err[-3000:]
+    assert "five_shot_mmlu_val.json does not exist. --mmlu_path must be a folder holding qlora.py's files" in err
+    assert not out.exists()
