@@ -55,11 +55,11 @@ def flag_names(argv: list) -> list:
 
 def reject_unknown(names, # flag names without dashes
                    known, # the names that exist
-                   where: str = "command line"): # where the names were found, for the message
+                   where: str = "on the command line"): # where the names were found, for the message
     "Raise a `ConfigError` naming each of `names` not in `known` and the flag most likely meant."
     meant = {n: closest_flag(n, known) for n in names if n not in known}
     msgs = [f"--{n}" + (f" (did you mean --{c}?)" if c else "") for n, c in meant.items()]
-    require(not msgs, f"Unknown setting(s) on the {where}: {', '.join(msgs)}. `qlora-nb train --help` lists them all.")
+    require(not msgs, f"Unknown setting(s) {where}: {', '.join(msgs)}. `qlora-nb train --help` lists them all.")
 
 # %% ../nbs/00_checks.ipynb #29769c63
 def split_config(argv: list) -> tuple:

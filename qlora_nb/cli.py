@@ -79,7 +79,7 @@ def answer_early(name: str, argv: list) -> bool:
     if "-h" in argv or "--help" in argv: print(table["help"]); return True
     config, argv = split_config(argv)
     reject_unknown(flag_names(argv), set(table["names"]))
-    if config: reject_unknown(config_keys(config), set(table["names"]) - {"config"}, where=f"config file {config}")
+    if config: reject_unknown(config_keys(config), set(table["names"]) - {"config"}, where=f"in config file {config}")
     return False
 
 # %% ../nbs/13_cli.ipynb #822a1aee

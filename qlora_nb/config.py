@@ -388,7 +388,7 @@ def read_yaml(path) -> tuple:
     new_argv, notices = translate_legacy_flags([a for k in legacy for a in (f"--{k}", str(values[k]))])
     values = {k: v for k, v in values.items() if k not in legacy}
     values.update({new_argv[i][2:]: new_argv[i + 1] for i in range(0, len(new_argv), 2)})
-    reject_unknown(values, set(known_flags()) - {"config"}, where=f"config file {path}")  # no --config inside a config
+    reject_unknown(values, set(known_flags()) - {"config"}, where=f"in config file {path}")  # no --config inside a config
     return values, notices
 
 # %% ../nbs/00_config.ipynb #38a15062
