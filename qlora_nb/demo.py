@@ -6,10 +6,10 @@ Docs: https://github.com/qlora-nb/qlora_nb/demo.html.md"""
 
 # %% auto #0
 __all__ = ['CHARACTER_CLASSES', 'SUBJECTS', 'BASE_SUBJECTS', 'NEW_SUBJECT', 'DEMO', 'BASE_MODEL', 'QUIET_WARNINGS', 'QUICK',
-           'distractor_classes', 'choice_question', 'choice_questions', 'instruction_pairs', 'write_records',
-           'write_demo_data', 'DemoSizes', 'pretrain_flags', 'pretrained_base', 'finetune_flags', 'mmlu_flags',
-           'evaluate', 'loss_before_after', 'save_plots', 'summary', 'record_demo', 'parse_demo_args', 'run_demo',
-           'demo_main', 'cached_demo_run']
+           'distractor_classes', 'choice_question', 'choice_questions', 'instruction_pairs', 'write_demo_data',
+           'DemoSizes', 'pretrain_flags', 'pretrained_base', 'finetune_flags', 'mmlu_flags', 'evaluate',
+           'loss_before_after', 'save_plots', 'summary', 'record_demo', 'parse_demo_args', 'run_demo', 'demo_main',
+           'cached_demo_run']
 
 # %% ../nbs/12_demo.ipynb #b55ca463
 import argparse, hashlib, json, os, random, sys, time, warnings
@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 
 import qlora_nb
 from .config import ConfigError, require, parse_args
-from .files import build_once, cache_dir, write_json_atomic
+from .files import build_once, cache_dir, write_json_atomic, write_jsonl_atomic
 from .tiny import tiny_model_path
 from .formatters import ALPACA_PROMPT_DICT
 from .mmlu import evaluate_mmlu, format_mmlu_question, load_mmlu, load_model_for_mmlu, mmlu_header
@@ -65,12 +65,6 @@ def instruction_pairs(n: int, seed: int, classes=("symbol", "digit", "capital le
     return out
 
 # %% ../nbs/12_demo.ipynb #7361b6af
-def write_records(path, records: list) -> Path:
-    "Records as JSON lines."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
 def write_demo_data(folder, sizes) -> dict:
     "The demo's data files in `folder`: {pretrain, finetune, mmlu (a folder of MMLU files)}."
     folder = Path(folder)
@@ -79,9 +73,9 @@ def write_demo_data(folder, sizes) -> dict:
                 + choice_questions(BASE_SUBJECTS, sizes.finetune_old, seed=3)
                 + instruction_pairs(sizes.instructions, seed=4))
     evaluation = choice_questions(list(SUBJECTS), sizes.eval_per_subject, seed=5)
-    for split in ("val", "test"): write_records(folder/"mmlu"/f"zero_shot_mmlu_{split}.json", evaluation)
-    return dict(pretrain=write_records(folder/"pretrain.jsonl", pretrain),
-                finetune=write_records(folder/"finetune.jsonl", finetune), mmlu=folder/"mmlu")
+    for split in ("val", "test"): write_jsonl_atomic(folder/"mmlu"/f"zero_shot_mmlu_{split}.json", evaluation)
+    return dict(pretrain=write_jsonl_atomic(folder/"pretrain.jsonl", pretrain),
+                finetune=write_jsonl_atomic(folder/"finetune.jsonl", finetune), mmlu=folder/"mmlu")
 
 # %% ../nbs/12_demo.ipynb #4a649a57
 @dataclass(frozen=True)
@@ -123,7 +117,7 @@ def pretrained_base(sizes: DemoSizes = DEMO, # the recipe; the cache holds one b
     if not quiet: say(f"pretraining the demo's base model (once; cached in {path})...")
     def pretrain(work):
         questions = choice_questions(BASE_SUBJECTS, sizes.pretrain_per_subject, seed=1)
-        data = write_records(work/"data"/"pretrain.jsonl", questions)
+        data = write_jsonl_atomic(work/"data"/"pretrain.jsonl", questions)
         train(pretrain_flags(data, work, sizes))
     return build_once(path, pretrain, done="completed")
 

@@ -6,7 +6,7 @@ Docs: https://github.com/qlora-nb/qlora_nb/predict.html.md"""
 
 # %% auto #0
 __all__ = ['new_tokens', 'decode_new_tokens', 'generation_config_for', 'prompt_collator', 'generate_batch',
-           'generate_predictions', 'write_predictions', 'exact_match', 'predict_step']
+           'generate_predictions', 'exact_match', 'predict_step']
 
 # %% ../nbs/09_predict.ipynb #b141a755
 import copy, json, os, time
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import require
 from .data import DataCollatorForCausalLM
+from .files import write_jsonl_atomic
 
 # %% ../nbs/09_predict.ipynb #94a945f0
 def new_tokens(generated: torch.Tensor, # `generate`'s output: [batch, prompt columns + new columns]
@@ -66,14 +67,6 @@ def generate_predictions(model, tokenizer, dataset, # records with text `input` 
     return out
 
 # %% ../nbs/09_predict.ipynb #6587b1e4
-def write_predictions(path, records: list) -> Path:
-    "Write `records` to `path` as JSON lines, atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
-    return path
-
 def exact_match(records: list) -> float:
     "Share of predictions equal to their reference, white space trimmed."
     return sum(r["prediction"].strip() == r["output"].strip() for r in records) / max(len(records), 1)
@@ -85,7 +78,7 @@ def predict_step(trainer, dataset, args) -> dict:
     start = time.time()
     records = generate_predictions(trainer.model, trainer.processing_class, dataset, args,
                                    progress=not args.training_args.disable_tqdm)
-    write_predictions(Path(args.output_dir)/"predictions.jsonl", records)
+    write_jsonl_atomic(Path(args.output_dir)/"predictions.jsonl", records)
     runtime = time.time() - start
     return {"predict_samples": len(records), "predict_runtime": round(runtime, 4),
             "predict_samples_per_second": round(len(records) / runtime, 3), "predict_exact_match": exact_match(records)}

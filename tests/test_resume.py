@@ -106,7 +106,7 @@ HANG_AFTER_TRAINING = textwrap.dedent("""
     if os.environ["HANG_IN"] == "evaluation":
         import transformers; transformers.Trainer.evaluate = _hang
     else:
-        import qlora_nb.predict; qlora_nb.predict.write_predictions = _hang
+        import qlora_nb.predict; qlora_nb.predict.write_jsonl_atomic = _hang
 """)
 
 
