@@ -10,14 +10,15 @@ import json, signal, subprocess, sys, time  # after the environment above: qlora
 from pathlib import Path
 
 import pytest
-from qlora_nb.tiny import make_alpaca_records, tiny_model_path
+from qlora_nb.testing import short_run_flags
+from qlora_nb.tiny import make_alpaca_records
 
 ROOT = Path(__file__).resolve().parents[1]
 # what a child process gets: offline, this checkout's qlora_nb first, one thread each (2 cores, often 2 processes)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
-# a short LoRA run of the tiny model; each keyword overrides one flag (`max_steps=12`), `*more` adds flags
+# qlora_nb.testing's short run, shorter still (a process each); each keyword overrides one flag, `*more` adds flags
 TINY_RUN = dict(lora_r=4, lora_alpha=8, max_steps=4, save_steps=2, learning_rate=1e-3, per_device_train_batch_size=4,
                 gradient_accumulation_steps=1, logging_steps=1, source_max_len=48, target_max_len=24,
                 eval_dataset_size=6, max_new_tokens=6, disable_tqdm="true", seed=3)
@@ -25,9 +26,7 @@ TINY_RUN = dict(lora_r=4, lora_alpha=8, max_steps=4, save_steps=2, learning_rate
 
 def tiny_flags(data, out, *more, **overrides) -> list:
     "`qlora-nb train` flags (without the word `train`) for a short run of the tiny model on the data file `data`."
-    values = {**TINY_RUN, **overrides}
-    pairs = [a for k, v in values.items() if v is not None for a in (f"--{k}", str(v))]
-    return ["--model_name_or_path", str(tiny_model_path()), "--dataset", str(data), "--output_dir", str(out), *pairs, *more]
+    return short_run_flags(data, out, *more, **{**TINY_RUN, **overrides})
 
 
 def start_qlora_nb(*args, prelude: str = "", env: dict | None = None) -> subprocess.Popen:
