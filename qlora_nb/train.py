@@ -328,7 +328,12 @@ def finish_training(trainer, checkpoint) -> dict:
     "A run whose `checkpoint` is its last step: its trainer state (and best adapter, if asked); the train metrics."
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint)/"trainer_state.json"))
     if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint: trainer._load_best_model()
-    return logged_train_metrics(trainer.state)
+    metrics = logged_train_metrics(trainer.state)
+    if "train_loss" not in metrics:
+        say(f"no loss was logged before {Path(checkpoint).name} (--logging_steps {trainer.args.logging_steps} of "
+            f"{trainer.state.global_step} steps): metrics.json has no train_loss for this run.")
+    trainer.log(metrics)  # the summary entry an uninterrupted run's log history ends with
+    return metrics
 
 # %% ../nbs/08_train.ipynb #2598b198
 def run_training(trainer, checkpoint=None) -> dict:
