@@ -69,9 +69,9 @@ class DataArguments:
         metadata={"help": "Pack several examples into each row; attention never crosses an example boundary."})
 
     def __post_init__(self):
-        for name in ("source_max_len", "target_max_len", "eval_dataset_size"):
+        for name, unit in (("source_max_len", "tokens"), ("target_max_len", "tokens"), ("eval_dataset_size", "examples")):
             v = getattr(self, name)
-            require(v > 0, f"{name} must be a positive number of tokens/examples, got {v}.")
+            require(v > 0, f"{name} must be a positive number of {unit}, got {v}.")
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
             require(v is None or v > 0, f"{name} must be positive or left unset, got {v}.")
