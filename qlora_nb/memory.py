@@ -156,15 +156,14 @@ def local_model_folder(name_or_path, # a hub id or a local model folder
 # %% ../nbs/09a_memory.ipynb #415883a1
 @lru_cache(maxsize=64)
 def _read_config(name, token, trust_remote_code, local_files_only):
-    from qlora_nb.quant import check_model_source  # here: quant imports torch and bitsandbytes, the arithmetic neither
+    from qlora_nb.quant import read_model_config  # here: quant imports torch and bitsandbytes, the arithmetic neither
     if local_files_only:
         folder = local_model_folder(name)
         if folder is None:
             return ConfigError(f"The config of {name!r} is not on this machine (a model folder or the hub cache): "
                                "give the folder of a downloaded model, or read it from the hub.")
         name = str(folder)
-    source = SimpleNamespace(model_name_or_path=name, cache_dir=None, token=token, trust_remote_code=trust_remote_code)
-    try: return check_model_source(source)
+    try: return read_model_config(name, token=token, trust_remote_code=trust_remote_code)  # a plan needs no weights
     except ConfigError as e: return e
 
 # %% ../nbs/09a_memory.ipynb #7ccfa78d
