@@ -1,9 +1,9 @@
 """bitsandbytes' probe of the optional kernels hub (a warning on AVX512-BF16 CPUs) never reaches a qlora_nb user, and
 nothing else is hidden. Each case runs in a fresh process: the filter must be in place before bitsandbytes loads."""
-import os, subprocess, sys
+import subprocess, sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ENV, ROOT
 BNB_CPU_OPS = "bitsandbytes.backends.cpu.ops"
 # the record exactly as bitsandbytes 0.50 logs it when `kernels` is not installed
 EMIT_PROBE = f"""
@@ -15,8 +15,7 @@ logging.getLogger({BNB_CPU_OPS!r}).warning(
 """
 
 def python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
 
 def test_the_message_filtered_is_the_one_bitsandbytes_logs():
     import importlib.util, qlora_nb
