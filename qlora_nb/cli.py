@@ -22,6 +22,8 @@ COMMANDS = {
     "train": ("qlora_nb.train", "train_main", "fine-tune with QLoRA; accepts every qlora.py flag and --config run.yaml"),
     "demo":  ("qlora_nb.demo", "demo_main", "offline end-to-end run on a tiny model: train, evaluate, plot"),
     "mmlu":  ("qlora_nb.cli", "mmlu_main", "evaluate a base model (and adapter) on MMLU files"),
+    "chat":  ("qlora_nb.chat", "chat_main", "talk with a model (and adapter) in its chat template, replies streamed"),
+    "merge": ("qlora_nb.merge", "merge_main", "merge an adapter into its base: a standalone model folder, and a report"),
 }
 
 def usage() -> str:
@@ -113,10 +115,14 @@ def main(argv=None) -> int:
 # %% ../nbs/13_cli.ipynb #18b078e2
 MMLU_USAGE = """usage: qlora-nb mmlu --model_name_or_path M [--adapter DIR] [--mmlu_dataset mmlu-zs|mmlu-fs] [--mmlu_split eval|test]
                      [--mmlu_path DIR] [--output_dir OUT] [--max_mmlu_samples N] [--batch_size N] [--bits 4|8|16|32]
+                     [--mmlu_chat_template [--chat_template NAME|FILE]]
 
 Scores a base model (and a LoRA adapter) on MMLU and writes OUT/mmlu_{split}.json.
   --adapter DIR      a folder with adapter_config.json (a qlora-nb run's output or checkpoint)
   --batch_size N     questions per forward pass (default: --per_device_eval_batch_size, 8)
+  --mmlu_chat_template  ask each question as a user turn of a chat template (instruct models), not qlora.py's prompt
+  --chat_template T  that template: a shipped name (chatml, llama-3, ...) or a Jinja file; default: the one saved
+                     with the adapter's tokenizer, else the base tokenizer's
 Every model-loading and MMLU flag of `qlora-nb train` is accepted too (--quant_type, --bf16, --mmlu_source_max_len, ...).
 MMLU files: --mmlu_path DIR, else ./data/mmlu, else built from the hub's cais/mmlu (needs network)."""
 
@@ -131,6 +137,8 @@ def parse_mmlu_args(argv: list):
     args = parse_args(rest)
     args.adapter, args.batch_size = mine.adapter, args.per_device_eval_batch_size if mine.batch_size is None else mine.batch_size
     require(args.batch_size > 0, f"--batch_size must be positive, got {args.batch_size}.")
+    require(args.chat_template is None or args.mmlu_chat_template, f"--chat_template {args.chat_template} chooses the "
+            "template of --mmlu_chat_template, which is off: add --mmlu_chat_template, or drop --chat_template.")
     return args
 
 # %% ../nbs/13_cli.ipynb #518c7e87
@@ -140,14 +148,17 @@ def mmlu_main(argv=None) -> int:
     if not argv: print(MMLU_USAGE, file=sys.stderr); return 2
     if argv[0] in ("-h", "--help"): print(MMLU_USAGE); return 0
     args = parse_mmlu_args(argv)
-    from qlora_nb.mmlu import evaluate_mmlu, load_mmlu, load_model_for_mmlu
+    from qlora_nb.mmlu import evaluate_mmlu, find_adapter, load_mmlu, load_model_for_mmlu, set_mmlu_chat_template
     from qlora_nb.train import check_output_dir
     out = check_output_dir(args.output_dir)  # before the evaluation, not after it
     dataset = load_mmlu(args.mmlu_dataset, args.mmlu_split, args.mmlu_path, args.max_mmlu_samples, args.cache_dir)
     model, tokenizer = load_model_for_mmlu(args)
+    chat = set_mmlu_chat_template(tokenizer, args.chat_template, args.adapter and find_adapter(args.adapter)) \
+           if args.mmlu_chat_template else None
     results = evaluate_mmlu(model, tokenizer, dataset, args.batch_size, args.mmlu_source_max_len,
-                            args.mmlu_split, args.mmlu_dataset, progress=True)
+                            args.mmlu_split, args.mmlu_dataset, progress=True, chat_template=chat)
     path = write_json_atomic(out/f"mmlu_{args.mmlu_split}.json", results)
     print(f"MMLU {args.mmlu_dataset} {args.mmlu_split}: accuracy {results['accuracy']:.4f} (macro {results['macro_accuracy']:.4f}) "
-          f"on {len(dataset)} questions, loss {results['mmlu_loss']:.4f} -> {path}")
+          f"on {len(dataset)} questions, loss {results['mmlu_loss']:.4f}"
+          + (f", asked in the chat template ({chat})" if chat else "") + f" -> {path}")
     return 0

@@ -6,21 +6,28 @@ Docs: https://github.com/qlora-nb/qlora_nb/data.html.md"""
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'EVAL_SPLITS', 'encode_sources', 'encode_targets', 'tokenize_examples', 'tokenize_dataset',
-           'example_labels', 'pad_to_longest', 'DataCollatorForCausalLM', 'cut_source', 'pack_lengths', 'pack_examples',
+           'example_labels', 'pad_to_longest', 'DataCollatorForCausalLM', 'cut_source', 'conversation_row',
+           'tokenize_conversations', 'tokenize_conversation_dataset', 'pack_lengths', 'example_rows', 'pack_examples',
            'pack_dataset', 'segment_ids', 'block_diagonal_mask', 'packed_attention_isolates', 'split_train_eval',
-           'take_first', 'check_answers', 'formatted_splits', 'make_data_module']
+           'take_first', 'check_answers', 'check_replies', 'Splits', 'is_conversation', 'numbered', 'formatted_splits',
+           'tokenized_splits', 'make_data_module', 'uses_chat_template', 'run_chat_template', 'check_run_chat_template',
+           'set_run_chat_template']
 
 # %% ../nbs/06_data.ipynb #ba5bef0b
-import bisect
+import bisect, json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from datasets import Dataset, DatasetDict
 from fastcore.basics import patch
 from transformers import PreTrainedTokenizerBase
 
+from .checks import say
 from .config import ConfigError, require
-from .formatters import format_dataset, load_data
+from .formatters import format_dataset, load_data, locate, resolve_format
+from .templates import (check_conversation, conversation_prompt, fit_conversation, prompt_ids,
+                                read_chat_template, tokenize_conversation, use_chat_template)
 
 # %% ../nbs/06_data.ipynb #377aeb11
 def encode_sources(tokenizer, texts: list, max_len: int) -> list:
@@ -105,12 +112,15 @@ def example_ids(self: DataCollatorForCausalLM, instances: list) -> list:
 
 # %% ../nbs/06_data.ipynb #4b015e0f
 @patch
-def training_batch(self: DataCollatorForCausalLM, pairs: list) -> dict:
-    "Right-padded `input_ids`, `labels` and an `attention_mask` from the true lengths."
-    ids = [s + t for s, t in pairs]
-    return dict(input_ids=pad_to_longest(ids, self.pad_id),
-                labels=pad_to_longest([example_labels(s, t, self.train_on_source) for s, t in pairs], IGNORE_INDEX),
+def padded_batch(self: DataCollatorForCausalLM, ids: list, labels: list) -> dict:
+    "Right-padded `input_ids` and `labels`, and an `attention_mask` from the true lengths."
+    return dict(input_ids=pad_to_longest(ids, self.pad_id), labels=pad_to_longest(labels, IGNORE_INDEX),
                 attention_mask=pad_to_longest([[1] * len(i) for i in ids], 0))
+
+@patch
+def training_batch(self: DataCollatorForCausalLM, pairs: list) -> dict:
+    "A training batch of (source, target) pairs: the target is labelled, the source too with `train_on_source`."
+    return self.padded_batch([s + t for s, t in pairs], [example_labels(s, t, self.train_on_source) for s, t in pairs])
 
 @patch
 def generation_batch(self: DataCollatorForCausalLM, sources: list) -> dict:
@@ -124,8 +134,62 @@ def __call__(self: DataCollatorForCausalLM, instances: list) -> dict:
     "A batch for training (or, with `predict_with_generate`, for `generate`)."
     require(len(instances) > 0, "DataCollatorForCausalLM got an empty batch.")
     if "position_ids" in instances[0]: return self.packed_batch(instances)
+    if "labels" in instances[0]: return self.conversation_batch(instances)
     pairs = self.example_ids(instances)
     return self.generation_batch([s for s, _ in pairs]) if self.predict_with_generate else self.training_batch(pairs)
+
+# %% ../nbs/06_data.ipynb #db256f89
+def conversation_row(tokenizer, # a tokenizer with its chat template set (`templates.use_chat_template`)
+                     messages: list, # one conversation: `{role, content}` messages
+                     max_len: int, # most tokens of a row: `source_max_len + target_max_len`
+                     train_on_source: bool = False, # label every token, not only the assistant's
+                     with_prompt: bool = False) -> dict | None: # also the prompt for `generate` and the reply
+    "`input_ids`, `labels` and `length` of a conversation cut to fit `max_len` tokens; None when it cannot fit."
+    check_conversation(messages, tokenizer)
+    fitted = fit_conversation(tokenizer, messages, max_len)
+    if fitted is None: return None
+    row = dict(tokenize_conversation(tokenizer, fitted, train_on_source))
+    row |= dict(conversation=json.dumps(fitted), length=len(row["input_ids"]))
+    if with_prompt: row |= dict(prompt_ids=prompt_ids(tokenizer, fitted), output=conversation_prompt(fitted)[1])
+    return row
+
+# %% ../nbs/06_data.ipynb #8c04ce80
+def tokenize_conversations(batch: dict, indices: list, tokenizer, max_len: int, train_on_source: bool = False,
+                           with_prompt: bool = False, where: str = "data set", length_column: str = "length") -> dict:
+    "A batched `map` function: the rows (`conversation_row`) of the conversations that fit; the others are left out."
+    columns = ["record", "conversation", "input_ids", "labels", "length"] + (["prompt_ids", "output"] if with_prompt else [])
+    out = {c: [] for c in columns}
+    for text, record in zip(batch["conversation"], batch["record"] if "record" in batch else indices):
+        try: row = conversation_row(tokenizer, json.loads(text), max_len, train_on_source, with_prompt)
+        except ConfigError as e: raise ConfigError(f"{where}, {locate(where, record)}: {e}") from None
+        if row is None: continue
+        for c in columns: out[c].append(record if c == "record" else row[c])
+    return out if length_column == "length" else {length_column if k == "length" else k: v for k, v in out.items()}
+
+# %% ../nbs/06_data.ipynb #b65a589f
+def tokenize_conversation_dataset(dataset: Dataset, tokenizer, max_len: int, train_on_source: bool = False,
+                                  with_prompt: bool = False, where: str = "data set",
+                                  length_column: str = "length") -> Dataset:
+    "Rows of token ids and labels for `dataset`'s conversations; says how many did not fit and were left out."
+    require(tokenizer.chat_template is not None, "The tokenizer has no chat template to render the conversations "
+            "with: set one (qlora_nb.templates.use_chat_template, or --chat_template on the command line).")
+    out = dataset.map(tokenize_conversations, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                      desc="Tokenizing conversations", fn_kwargs=dict(tokenizer=tokenizer, max_len=max_len,
+                      train_on_source=train_on_source, with_prompt=with_prompt, where=where, length_column=length_column))
+    if dropped := len(dataset) - len(out):
+        say(f"{where}: left out {dropped} of {len(dataset)} conversations: longer than {max_len} tokens "
+            "(--source_max_len + --target_max_len) even without their earliest exchanges, or with no reply left.")
+    require(len(out) > 0, f"{where}: no conversation fits in {max_len} tokens: raise --source_max_len or --target_max_len.")
+    return out
+
+# %% ../nbs/06_data.ipynb #67eaff4d
+@patch
+def conversation_batch(self: DataCollatorForCausalLM, rows: list) -> dict:
+    "Tokenized conversations: padded ids and labels for training, or left-padded prompts for `generate`."
+    if not self.predict_with_generate: return self.padded_batch([r["input_ids"] for r in rows], [r["labels"] for r in rows])
+    require(all("prompt_ids" in r for r in rows), "Generating for conversations needs rows with 'prompt_ids' "
+            "(tokenize_conversation_dataset(..., with_prompt=True)).")
+    return self.generation_batch([r["prompt_ids"] for r in rows])
 
 # %% ../nbs/06_data.ipynb #3fcdebb9
 def pack_lengths(lengths: list, # tokens of each example
@@ -142,22 +206,28 @@ def pack_lengths(lengths: list, # tokens of each example
     return rows
 
 # %% ../nbs/06_data.ipynb #f18d95b7
+def example_rows(batch: dict, train_on_source: bool = False) -> list:
+    "(ids, labels) of each tokenized example: a pair's from its source and target ids, a conversation's as they are."
+    if "labels" in batch: return list(zip(batch["input_ids"], batch["labels"]))
+    return [(s + t, example_labels(s, t, train_on_source)) for s, t in zip(batch["source_ids"], batch["target_ids"])]
+
 def pack_examples(batch: dict, row_len: int, train_on_source: bool = False, length_column: str = "length") -> dict:
     "A batched `map` function (the whole data set as one batch): tokenized examples → packed rows."
     out = {"input_ids": [], "labels": [], "position_ids": [], length_column: []}
-    pairs = list(zip(batch["source_ids"], batch["target_ids"]))
-    for row in pack_lengths([len(s) + len(t) for s, t in pairs], row_len):
+    examples = example_rows(batch, train_on_source)
+    for row in pack_lengths([len(ids) for ids, _ in examples], row_len):
         ids, labels, pos = [], [], []
-        for s, t in (pairs[i] for i in row):
-            ids += s + t; pos += range(len(s) + len(t))
-            labels += [IGNORE_INDEX] + example_labels(s, t, train_on_source)[1:]  # nothing predicts a first token
+        for i, l in (examples[k] for k in row):
+            ids += i; pos += range(len(i))
+            labels += [IGNORE_INDEX] + list(l[1:])  # nothing predicts an example's first token
         for k, v in zip(out, (ids, labels, pos, len(ids))): out[k].append(v)
     return out
 
 def pack_dataset(tokenized: Dataset, row_len: int, train_on_source: bool = False,
                  length_column: str = "length") -> Dataset:
-    "A data set of packed rows from a `tokenize_dataset` result (cached like any `map`)."
-    ids = tokenized.select_columns(["source_ids", "target_ids"])  # the text is not needed: do not read it
+    "A data set of packed rows from a `tokenize_dataset` (or conversation) result, cached like any `map`."
+    columns = ["input_ids", "labels"] if "labels" in tokenized.column_names else ["source_ids", "target_ids"]
+    ids = tokenized.select_columns(columns)  # the text is not needed: do not read it
     return ids.map(pack_examples, batched=True, batch_size=None, remove_columns=ids.column_names, desc="Packing",
                    fn_kwargs=dict(row_len=row_len, train_on_source=train_on_source, length_column=length_column))
 
@@ -220,26 +290,85 @@ def check_answers(train, # the formatted training split
             f"{len(train)} training examples is blank, so training would learn nothing. Fill in the answers (the "
             "'output' column for alpaca and input-output files), or give the --dataset_format the file is written in.")
 
-def formatted_splits(args) -> tuple:
-    "(train, eval) as `{input, output}` records, cut to `max_train_samples` / `max_eval_samples`; needs no tokenizer."
-    data = format_dataset(load_data(args.dataset, args), args.dataset_format, args.dataset)
-    train, evaluation = split_train_eval(data, args.eval_dataset_size, args.do_eval or args.do_predict)
-    if args.do_train: check_answers(train, args.dataset)
-    return take_first(train, args.max_train_samples), take_first(evaluation, args.max_eval_samples)
+def check_replies(train, where: str):
+    "Raise a `ConfigError` when no conversation of the training split has an assistant reply with something in it."
+    said = lambda m: m["role"] == "assistant" and (str(m.get("content") or "").strip() or m.get("tool_calls"))
+    require(any(said(m) for text in train["conversation"] for m in json.loads(text)), f"{where}: every assistant "
+            f"reply of the {len(train)} training conversations is empty, so training would learn nothing.")
 
+# %% ../nbs/06_data.ipynb #d6f1f1f1
+class Splits(NamedTuple):
+    "A run's formatted records, and the chat template their format is written in."
+    train: Dataset | None
+    eval: Dataset | None
+    chat_template: str | None = None # a shipped template's name (oasst1: guanaco), or None
+
+    @property
+    def conversational(self) -> bool: return is_conversation(self.train if self.train is not None else self.eval)
+
+def is_conversation(dataset) -> bool:
+    "Whether formatted records are conversations (a `conversation` column) rather than `{input, output}` pairs."
+    return dataset is not None and "conversation" in dataset.column_names
+
+def numbered(data: DatasetDict) -> DatasetDict:
+    "Each split with a `record` column: the record's place in its split, for messages about it after the split."
+    return DatasetDict({k: v.add_column("record", list(range(len(v)))) for k, v in data.items()})
+
+# %% ../nbs/06_data.ipynb #0e9185c3
+def formatted_splits(args) -> Splits:
+    "(train, eval) as formatted records, cut to `max_train_samples` / `max_eval_samples`; needs no tokenizer."
+    raw = load_data(args.dataset, args)
+    formatter = resolve_format(next(iter(raw.values())), args.dataset_format, args.dataset)
+    data = format_dataset(raw, formatter.name, args.dataset)
+    if formatter.kind == "chat": data = numbered(data)
+    train, evaluation = split_train_eval(data, args.eval_dataset_size, args.do_eval or args.do_predict)
+    if args.do_train: (check_replies if formatter.kind == "chat" else check_answers)(train, args.dataset)
+    return Splits(take_first(train, args.max_train_samples), take_first(evaluation, args.max_eval_samples),
+                  formatter.chat_template)
 
 # %% ../nbs/06_data.ipynb #2a63955f
+def tokenized_splits(tokenizer, args, splits: Splits) -> tuple:
+    "(train, eval) tokenized once: pairs into source and target ids, conversations into ids and labels."
+    length_column = getattr(args, "length_column_name", "length")
+    train, evaluation = splits.train if args.do_train else None, splits.eval
+    if not is_conversation(train if train is not None else evaluation):
+        tokenize = lambda d, _: tokenize_dataset(d, tokenizer, args.source_max_len, args.target_max_len, length_column)
+    else: tokenize = lambda d, prompts: tokenize_conversation_dataset(d, tokenizer, args.source_max_len + args.target_max_len,
+                                                                      args.train_on_source, prompts, args.dataset, length_column)
+    return (None if train is None else tokenize(train, False),
+            None if evaluation is None else tokenize(evaluation, args.do_predict))
+
 def make_data_module(tokenizer, args,
                      splits=None) -> dict: # `formatted_splits(args)` when already made (checked before loading)
     "The `train_dataset`, `eval_dataset`, `predict_dataset` and `data_collator` for `--dataset`, as in `qlora.py`."
-    train, evaluation = formatted_splits(args) if splits is None else splits
-    length_column = getattr(args, "length_column_name", "length")
-    tokenize = lambda d: tokenize_dataset(d, tokenizer, args.source_max_len, args.target_max_len, length_column)
-    train = tokenize(train) if args.do_train else None
-    evaluation = tokenize(evaluation) if evaluation is not None else None
+    train, evaluation = tokenized_splits(tokenizer, args, formatted_splits(args) if splits is None else Splits(*splits))
     if args.packing and train is not None:
-        train = pack_dataset(train, args.source_max_len + args.target_max_len, args.train_on_source, length_column)
+        train = pack_dataset(train, args.source_max_len + args.target_max_len, args.train_on_source,
+                             getattr(args, "length_column_name", "length"))
     collator = DataCollatorForCausalLM(tokenizer, args.source_max_len, args.target_max_len,
                                        args.train_on_source, args.predict_with_generate)
     return dict(train_dataset=train, eval_dataset=evaluation if args.do_eval else None,
                 predict_dataset=evaluation if args.do_predict else None, data_collator=collator)
+
+# %% ../nbs/06_data.ipynb #b156122f
+def uses_chat_template(args, splits: Splits) -> bool:
+    "Whether the run renders anything with a chat template (its data, MMLU questions) or was given one to save."
+    return splits.conversational or bool(args.chat_template) or getattr(args, "mmlu_chat_template", False)
+
+def run_chat_template(tokenizer, args, splits: Splits) -> tuple | None:
+    "(what, Jinja text) of the run's chat template, or None when the run uses none."
+    if not uses_chat_template(args, splits): return None
+    return read_chat_template(args.chat_template, tokenizer, default=splits.chat_template if splits.conversational else None)
+
+def check_run_chat_template(args, splits: Splits):
+    "Fail before any model loads when the run's chat template cannot be found (reads only the tokenizer)."
+    from qlora_nb.model import base_tokenizer  # here: qlora_nb.model imports torch and bitsandbytes
+    if uses_chat_template(args, splits): run_chat_template(base_tokenizer(args), args, splits)
+
+def set_run_chat_template(tokenizer, model, args, splits: Splits) -> str | None:
+    "Put the run's chat template on `tokenizer` (and its tokens into `model`); returns what it is, None if none is used."
+    if (found := run_chat_template(tokenizer, args, splits)) is None: return None
+    use_chat_template(tokenizer, model, found[1])
+    say(f"using {found[0]}" + ("" if splits.conversational else "; the data are (prompt, answer) pairs, which it does not "
+                               "format: it is saved with the tokenizer, for `qlora-nb chat` and MMLU"))
+    return found[0]

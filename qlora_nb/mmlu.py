@@ -8,22 +8,25 @@ Docs: https://github.com/qlora-nb/qlora_nb/mmlu.html.md"""
 __all__ = ['MMLU_LETTERS', 'MMLU_FILES', 'HUB_SPLITS', 'check_mmlu_choice', 'mmlu_file', 'check_mmlu_record', 'read_mmlu_file',
            'format_mmlu_question', 'mmlu_header', 'mmlu_records_from_rows', 'mmlu_from_hub', 'load_mmlu',
            'answer_token_ids', 'length_sorted_batches', 'body_and_head', 'last_position_logits', 'score_mmlu',
-           'load_accuracy_metric', 'mmlu_results', 'evaluate_mmlu', 'mmlu_log_entries', 'MMLUEvalCallback',
-           'make_mmlu_callback', 'find_adapter', 'load_model_for_mmlu']
+           'mmlu_chat_messages', 'chat_prompt', 'reply_leads', 'chat_letter_ids', 'fit_chat_question',
+           'encode_chat_questions', 'mmlu_prompts', 'load_accuracy_metric', 'mmlu_results', 'evaluate_mmlu',
+           'mmlu_log_entries', 'MMLUEvalCallback', 'make_mmlu_callback', 'load_model_for_mmlu',
+           'set_mmlu_chat_template']
 
 # %% ../nbs/07_mmlu.ipynb #00fb38d0
-import functools, json, os
+import functools, itertools, json, os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
-from .config import MMLU_DATASETS, MMLU_SPLITS, ConfigError, parse_args, require
+from .config import CHAT_TEMPLATES, MMLU_DATASETS, MMLU_SPLITS, ConfigError, parse_args, require
 from .data import encode_sources, pad_to_longest
-from .model import load_base_and_tokenizer
-from peft import PeftModel
+from .model import find_adapter, load_trained_model, run_tokenizer_folder, trained_tokenizer
+from .templates import missing_template_tokens, read_chat_template, render_conversation, use_chat_template
+
 
 # %% ../nbs/07_mmlu.ipynb #c01e7694
 MMLU_LETTERS = "ABCD"
@@ -196,6 +199,82 @@ def score_mmlu(model, # a causal LM, optionally a peft model, in any precision
     finally: model.train(was_training)
     return out
 
+# %% ../nbs/07_mmlu.ipynb #b152d398
+def mmlu_chat_messages(text: str, # an MMLU prompt: qlora.py's text, ending in "Answer:"
+                       reply: str | None = None) -> list: # with a reply: the assistant's turn too
+    "The question as one user turn (and, with `reply`, the assistant's answer)."
+    return [{"role": "user", "content": text}] + ([] if reply is None else [{"role": "assistant", "content": reply}])
+
+def chat_prompt(tokenizer, text: str) -> tuple:
+    "(text, ids) of `text` asked as a user turn with the generation prompt: the template's rendering and its tokens."
+    prompt = render_conversation(tokenizer, mmlu_chat_messages(text), add_generation_prompt=True)
+    return prompt, tokenizer(prompt, add_special_tokens=False).input_ids
+
+# %% ../nbs/07_mmlu.ipynb #d94ec8d8
+def reply_leads(tokenizer, text: str, prompt: str) -> list:
+    "For each letter, what the template writes between the generation prompt and the letter as the reply (white space)."
+    leads = []
+    for letter in MMLU_LETTERS:
+        full = render_conversation(tokenizer, mmlu_chat_messages(text, letter))
+        reply = full[len(prompt):] if full.startswith(prompt) else ""
+        lead = reply[:reply.find(letter)] if letter in reply else None
+        require(lead is not None and not lead.strip(), f"The chat template does not write the reply {letter!r} right "
+                f"after its generation prompt (the reply renders as {reply[:40]!r}), so the letter cannot be scored "
+                "at the first position of the reply: evaluate without --mmlu_chat_template or with another "
+                "--chat_template.")
+        leads.append(lead)
+    return leads
+
+# %% ../nbs/07_mmlu.ipynb #9f6764da
+def chat_letter_ids(tokenizer, text: str,
+                    prompt: tuple | None = None) -> list: # `chat_prompt(tokenizer, text)`, when made already
+    "The ids of A, B, C, D as the first token of the reply to `text`: prompt and letter, tokenized against the prompt."
+    prompt, ids = prompt or chat_prompt(tokenizer, text)
+    pieces = [lead + letter for lead, letter in zip(reply_leads(tokenizer, text, prompt), MMLU_LETTERS)]
+    with_letters = tokenizer([prompt + p for p in pieces], add_special_tokens=False).input_ids
+    for piece, got in zip(pieces, with_letters):
+        require(got[:len(ids)] == ids and len(got) == len(ids) + 1,
+                f"With this chat template the answer {piece.strip()!r} is not one token at the first position of the "
+                f"reply: the prompt ends in {tokenizer.convert_ids_to_tokens(ids[-2:])} and with {piece!r} after it the "
+                f"ids end in {tokenizer.convert_ids_to_tokens(got[-3:])}. Evaluate without --mmlu_chat_template or with "
+                "another --chat_template.")
+    letters = [got[-1] for got in with_letters]
+    require(len(set(letters)) == 4, f"With this chat template the answers A-D are the same token ids {letters} at the "
+            "first position of the reply: the scores could not tell them apart.")
+    return letters
+
+# %% ../nbs/07_mmlu.ipynb #31de9eab
+def fit_chat_question(tokenizer, text: str, max_len: int) -> tuple:
+    "(`text`, or its longest tail that fits in `max_len` tokens as a chat prompt; that `chat_prompt`)."
+    prompt = lambda k: chat_prompt(tokenizer, text[k:])
+    if len((best := prompt(0))[1]) <= max_len: return text, best
+    require(len((best := prompt(len(text)))[1]) <= max_len, f"mmlu_source_max_len={max_len} leaves no room for a "
+            f"question: the chat template alone is {len(best[1])} tokens. Raise --mmlu_source_max_len.")
+    lo, hi = 0, len(text)  # dropping hi characters fits, lo does not: bisect for the fewest to drop
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len((p := prompt(mid))[1]) <= max_len: hi, best = mid, p
+        else: lo = mid
+    return text[hi:], best
+
+# %% ../nbs/07_mmlu.ipynb #90566e0f
+def encode_chat_questions(tokenizer, texts: list, max_len: int) -> tuple:
+    "(chat prompt ids of each question, the ids of A-D at the first position of the reply)."
+    require(tokenizer.chat_template is not None, "--mmlu_chat_template asks each question in the tokenizer's chat "
+            f"template, but it has none: give --chat_template (a Jinja file or one of {', '.join(CHAT_TEMPLATES)}).")
+    fitted = [fit_chat_question(tokenizer, t, max_len) for t in texts]
+    letters = [chat_letter_ids(tokenizer, t, prompt) for t, prompt in fitted]
+    odd = next((i for i, l in enumerate(letters) if l != letters[0]), None)
+    require(odd is None, f"The letters A-D tokenize differently after question {odd}'s chat prompt "
+            f"({letters[odd or 0]}) than after question 0's ({letters[0]}): they cannot be scored at the same ids.")
+    return [ids for _, (_, ids) in fitted], letters[0]
+
+def mmlu_prompts(tokenizer, records: list, max_len: int, chat: bool = False) -> tuple:
+    "(prompt ids, candidate ids of A-D): qlora.py's plain prompts (`encode_sources`), or chat turns with `chat`."
+    texts = [r["input"] for r in records]
+    if chat: return encode_chat_questions(tokenizer, texts, max_len)
+    return encode_sources(tokenizer, texts, max_len), answer_token_ids(tokenizer)
+
 # %% ../nbs/07_mmlu.ipynb #69afd5d8
 @functools.lru_cache(maxsize=1)
 def load_accuracy_metric():
@@ -226,13 +305,15 @@ def evaluate_mmlu(model, # a causal LM: full precision, 8- or 4-bit, optionally 
                   batch_size: int = 8, # questions per forward pass
                   source_max_len: int = 2048, # longest prompt in tokens (`mmlu_source_max_len`)
                   split: str | None = None, dataset_name: str | None = None, # stored in the results
-                  progress: bool = False) -> dict: # show a progress bar
+                  progress: bool = False, # show a progress bar
+                  chat_template: str | None = None) -> dict: # None: qlora.py's prompt; else: asked in the chat
+                                                             # template of `tokenizer`, recorded as this name
     "MMLU accuracy (micro, macro, per subject), `mmlu_loss` and predictions of `model` on `dataset`."
     records = [check_mmlu_record(dict(r), f"MMLU question {i}") for i, r in enumerate(dataset)]
     require(len(records) > 0, "No MMLU questions to evaluate: the selection is empty.")
-    prompts = encode_sources(tokenizer, [r["input"] for r in records], source_max_len)
-    logits = score_mmlu(model, prompts, answer_token_ids(tokenizer), batch_size, progress)
-    return mmlu_results(logits, records, split, dataset_name)
+    prompts, letters = mmlu_prompts(tokenizer, records, source_max_len, chat=chat_template is not None)
+    logits = score_mmlu(model, prompts, letters, batch_size, progress)
+    return mmlu_results(logits, records, split, dataset_name) | {"chat_template": chat_template}
 
 # %% ../nbs/07_mmlu.ipynb #4faccc18
 def mmlu_log_entries(results: dict) -> dict:
@@ -248,16 +329,20 @@ class MMLUEvalCallback(TrainerCallback):
     "Scores MMLU on every evaluation and logs the figures into the trainer's log history."
     def __init__(self, trainer, # the Trainer to log into
                  tokenizer, dataset, # the model's tokenizer; MMLU records (`load_mmlu`)
-                 args): # anything with mmlu_split, mmlu_dataset, mmlu_source_max_len, per_device_eval_batch_size
-        self.trainer, self.tokenizer, self.dataset, self.args = trainer, tokenizer, dataset, args
-        self.last_step, self.last_logs = None, None
-        answer_token_ids(tokenizer)  # refuse an unusable tokenizer before training starts, not at the first evaluation
+                 args): # mmlu_split, mmlu_dataset, mmlu_source_max_len, per_device_eval_batch_size, mmlu_chat_template
+        self.trainer, self.args, self.last_step, self.last_logs = trainer, args, None, None
+        self.chat_template = "the run's tokenizer's" if getattr(args, "mmlu_chat_template", False) else None
+        self.records = [check_mmlu_record(dict(r), f"MMLU question {i}") for i, r in enumerate(dataset)]
+        require(len(self.records) > 0, "No MMLU questions to evaluate: the selection is empty.")
+        # tokenized once, before training: an unusable tokenizer or template is refused now, not at the first evaluation
+        self.prompts, self.letters = mmlu_prompts(tokenizer, self.records, args.mmlu_source_max_len,
+                                                  chat=self.chat_template is not None)
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if state.global_step != self.last_step:
-            results = evaluate_mmlu(model or self.trainer.model, self.tokenizer, self.dataset,
-                                    self.args.per_device_eval_batch_size, self.args.mmlu_source_max_len,
-                                    self.args.mmlu_split, self.args.mmlu_dataset)
+            logits = score_mmlu(model or self.trainer.model, self.prompts, self.letters,
+                                self.args.per_device_eval_batch_size)
+            results = mmlu_results(logits, self.records, self.args.mmlu_split, self.args.mmlu_dataset)
             self.last_step, self.last_logs = state.global_step, mmlu_log_entries(results)
             self.trainer.log(dict(self.last_logs))
         if metrics is not None: metrics.update(self.last_logs)
@@ -269,16 +354,25 @@ def make_mmlu_callback(trainer, tokenizer, args) -> MMLUEvalCallback:
     return MMLUEvalCallback(trainer, tokenizer, dataset, args)
 
 # %% ../nbs/07_mmlu.ipynb #c9c206fc
-def find_adapter(path) -> Path:
-    "The folder holding `adapter_config.json`: `path` itself or its `adapter_model/` subfolder."
-    for p in (Path(path), Path(path)/"adapter_model"):
-        if (p/"adapter_config.json").is_file(): return p
-    raise ConfigError(f"--adapter {path}: no adapter_config.json there (nor in {Path(path)/'adapter_model'}). "
-                      "Give the folder a LoRA adapter was saved to (a run's output_dir or one of its checkpoint folders).")
-
 def load_model_for_mmlu(args) -> tuple:
-    "(model, tokenizer) to evaluate, prepared exactly as for training, with the adapter when `args.adapter` is set."
-    adapter = find_adapter(args.adapter) if args.adapter else None  # before the minutes a large model takes to load
-    model, tokenizer = load_base_and_tokenizer(args)
-    if adapter: model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-    return model, tokenizer
+    "(model, tokenizer) to evaluate, loaded as training left them: with `args.adapter`, its run's tokenizer and the adapter."
+    adapter, tokenizer, _ = trained_tokenizer(args)  # the adapter folder checked before the minutes a model takes to load
+    return load_trained_model(args, adapter, tokenizer), tokenizer
+
+# %% ../nbs/07_mmlu.ipynb #dcec2255
+def set_mmlu_chat_template(tokenizer, # the tokenizer to score with: with an adapter, the one its run saved
+                           chat_template: str | None = None, # --chat_template: a shipped name or a Jinja file
+                           adapter=None) -> str: # the adapter folder (`find_adapter`), whose run saved a tokenizer
+    "Set MMLU's template on `tokenizer`: `chat_template`, else the tokenizer's own (the run's, with an adapter); says which."
+    folder = run_tokenizer_folder(adapter) if adapter is not None else None
+    require(chat_template or tokenizer.chat_template, "--mmlu_chat_template asks each question in a chat "
+            "template, but neither the adapter's saved tokenizer nor the base tokenizer has one: give --chat_template "
+            f"(a Jinja file or one of {', '.join(CHAT_TEMPLATES)}).")
+    where, text = read_chat_template(chat_template, tokenizer)
+    if chat_template is None and folder is not None: where = f"the chat template saved with the run's tokenizer in {folder}"
+    missing = missing_template_tokens(tokenizer, text)
+    require(not missing, f"The chat template ({where}) uses tokens the tokenizer does not have: {', '.join(missing)}. "
+            "They would be new and untrained in the model scored, and the scores meaningless: choose a --chat_template "
+            "written in tokens the tokenizer has (with an adapter, the run's own template).")
+    use_chat_template(tokenizer, None, text)
+    return where

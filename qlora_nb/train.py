@@ -6,13 +6,12 @@ Docs: https://github.com/qlora-nb/qlora_nb/train.html.md"""
 
 # %% auto #0
 __all__ = ['COMPLETED', 'ADAPTER_DIR', 'STAGING', 'RUN_FILES', 'RUN_CONFIG', 'RESUME_FIXED', 'ADAPTER_CONFIG_NAMES', 'VERSIONED',
-           'say', 'get_last_checkpoint', 'checkpoint_problems', 'check_output_dir', 'clear_run',
-           'discard_unfinished_writes', 'check_checkpoint', 'resolved_config', 'recorded_settings',
-           'resume_setting_changes', 'check_resume_settings', 'training_done', 'find_resume_point', 'QLoRATrainer',
-           'save_fsdp_adapter', 'make_trainer', 'check_packing', 'add_callbacks', 'logged_train_metrics',
-           'finish_training', 'run_training', 'run_evaluation', 'package_versions', 'device_description', 'git_commit',
-           'run_record', 'write_metrics', 'check_launch', 'is_complete', 'read_run_inputs', 'finish_run', 'train',
-           'train_main']
+           'get_last_checkpoint', 'checkpoint_problems', 'check_output_dir', 'clear_run', 'discard_unfinished_writes',
+           'check_checkpoint', 'resolved_config', 'recorded_settings', 'resume_setting_changes',
+           'check_resume_settings', 'training_done', 'find_resume_point', 'QLoRATrainer', 'save_fsdp_adapter',
+           'make_trainer', 'check_packing', 'add_callbacks', 'logged_train_metrics', 'finish_training', 'run_training',
+           'run_evaluation', 'package_versions', 'device_description', 'git_commit', 'run_record', 'write_metrics',
+           'check_launch', 'is_complete', 'read_run_inputs', 'finish_run', 'train', 'train_main']
 
 # %% ../nbs/08_train.ipynb #738977f7
 import contextlib, copy, json, os, platform, re, shutil, subprocess, sys, warnings, zipfile
@@ -27,10 +26,12 @@ from transformers import Seq2SeqTrainer, TrainerState, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 import qlora_nb
+from .checks import say
 from .config import ConfigError, require, parse_args
 from .model import get_accelerate_model
 from .lora import print_trainable_parameters
-from .data import formatted_splits, make_data_module, packed_attention_isolates
+from .data import (check_run_chat_template, formatted_splits, make_data_module, packed_attention_isolates,
+                           set_run_chat_template)
 from .files import json_problem, list_checkpoints, publish_checkpoint, write_json_atomic
 from .mmlu import MMLUEvalCallback, load_mmlu, make_mmlu_callback
 from .label_loss import label_only_lm_head_loss, model_full_logits_reason, trainer_full_logits_reason
@@ -38,11 +39,6 @@ from .predict import predict_step
 
 # transformers asks for pinned batches; on a machine with no GPU there is nothing to pin them for, and torch says so at every epoch
 warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found")
-
-# %% ../nbs/08_train.ipynb #597bc742
-def say(msg: str):
-    "Tell the user what the run is doing (stderr, so it never mixes with data written to stdout)."
-    print(f"qlora-nb: {msg}", file=sys.stderr, flush=True)
 
 # %% ../nbs/08_train.ipynb #8011f69e
 COMPLETED = "completed"  # qlora.py's marker: the run finished
@@ -148,7 +144,7 @@ RESUME_FIXED = {  # (group of resolved_config, setting): what a checkpoint was t
                  "lr_scheduler_type", "warmup_steps", "weight_decay", "train_on_source", "train_sampling_strategy",
                  "seed"],
     "data": ["dataset", "dataset_format", "source_max_len", "target_max_len", "packing", "eval_dataset_size",
-             "max_train_samples"]}
+             "max_train_samples", "chat_template"]}
 ADAPTER_CONFIG_NAMES = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}  # peft's names
 
 def recorded_settings(checkpoint) -> dict:
@@ -409,6 +405,7 @@ def is_complete(args) -> bool:
 def read_run_inputs(args) -> tuple:
     "((train, eval) records, MMLU questions or None): every data file of the run, read and checked; nothing written."
     splits = formatted_splits(args)
+    check_run_chat_template(args, splits)
     if not args.do_mmlu_eval: return splits, None
     return splits, load_mmlu(args.mmlu_dataset, args.mmlu_split, args.mmlu_path, args.max_mmlu_samples, args.cache_dir)
 
@@ -429,7 +426,8 @@ def train(argv=None) -> dict | None:
     with args.training_args.main_process_first(desc="checking output_dir"):  # under torchrun rank 0 tidies it first
         checkpoint, _ = find_resume_point(args)
     set_seed(args.seed)
-    model, tokenizer = get_accelerate_model(args, checkpoint)
+    chat_template = lambda tokenizer, model: set_run_chat_template(tokenizer, model, args, splits)
+    model, tokenizer = get_accelerate_model(args, checkpoint, prepare=chat_template)
     print_trainable_parameters(args, model)
     data_module = make_data_module(tokenizer, args, splits)
     check_packing(model, data_module["data_collator"], args)

@@ -13,9 +13,10 @@ LAYERS = [
     {"checks", "files"},                 # what flags are checked against before anything heavy; the file helpers
     {"config"},                          # every setting of a run
     {"quant"}, {"lora"}, {"model"},      # the model side: 4-bit loading, adapters, the assembled model
-    {"formatters"}, {"data"},            # the data side
+    {"formatters"}, {"templates"}, {"data"},  # the data side: record formats, chat templates, token ids
     {"mmlu"},                            # evaluation
     {"label_loss", "predict"}, {"train"},  # training
+    {"chat", "merge"},                   # after training: talk to the result, merge it into a standalone model
     {"memory", "tiny"},                  # the face: the memory plan; tiny builds the demo's model and the test fixtures
     {"plots"}, {"widgets", "demo"}, {"cli", "testing"},
 ]
