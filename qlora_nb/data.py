@@ -10,8 +10,8 @@ __all__ = ['IGNORE_INDEX', 'EVAL_SPLITS', 'encode_sources', 'encode_targets', 't
            'tokenize_conversations', 'tokenize_conversation_dataset', 'pack_lengths', 'example_rows', 'pack_examples',
            'pack_dataset', 'segment_ids', 'block_diagonal_mask', 'packed_attention_isolates', 'split_train_eval',
            'take_first', 'check_answers', 'check_replies', 'Splits', 'is_conversation', 'numbered', 'formatted_splits',
-           'tokenized_splits', 'make_data_module', 'uses_chat_template', 'run_chat_template', 'check_run_chat_template',
-           'set_run_chat_template']
+           'tokenized_splits', 'make_data_module', 'uses_chat_template', 'run_chat_template', 'first_with_tools',
+           'check_run_chat_template', 'set_run_chat_template']
 
 # %% ../nbs/06_data.ipynb #ba5bef0b
 import bisect, json
@@ -360,10 +360,24 @@ def run_chat_template(tokenizer, args, splits: Splits) -> tuple | None:
     if not uses_chat_template(args, splits): return None
     return read_chat_template(args.chat_template, tokenizer, default=splits.chat_template if splits.conversational else None)
 
+def first_with_tools(dataset) -> tuple | None:
+    "(record number, messages) of the first conversation with a tool call or a tool reply, or None."
+    for k, text in enumerate(dataset["conversation"]):
+        if '"tool' not in text: continue  # most records: no JSON to parse
+        messages = json.loads(text)
+        if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            return (dataset["record"][k] if "record" in dataset.column_names else k), messages
+
 def check_run_chat_template(args, splits: Splits):
-    "Fail before any model loads when the run's chat template cannot be found (reads only the tokenizer)."
+    "Fail before any model loads when the run's chat template cannot be found, or cannot write the data's tool turns."
     from qlora_nb.model import base_tokenizer  # here: qlora_nb.model imports torch and bitsandbytes
-    if uses_chat_template(args, splits): run_chat_template(base_tokenizer(args), args, splits)
+    if not uses_chat_template(args, splits): return
+    tokenizer = base_tokenizer(args)
+    tokenizer.chat_template = run_chat_template(tokenizer, args, splits)[1]
+    for split in (s for s in (splits.train, splits.eval) if s is not None and splits.conversational):
+        if (found := first_with_tools(split)) is None: continue
+        try: check_conversation(found[1], tokenizer)
+        except ConfigError as e: raise ConfigError(f"{args.dataset}, {locate(args.dataset, found[0])}: {e}") from None
 
 def set_run_chat_template(tokenizer, model, args, splits: Splits) -> str | None:
     "Put the run's chat template on `tokenizer` (and its tokens into `model`); returns what it is, None if none is used."
