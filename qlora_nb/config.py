@@ -6,11 +6,12 @@ Docs: https://github.com/qlora-nb/qlora_nb/config.html.md"""
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'CHAT_TEMPLATES', 'QUANT_TYPES', 'BITS', 'MMLU_DATASETS', 'MMLU_SPLITS',
-           'LEGACY_FLAGS', 'ARG_CLASSES', 'DERIVED_FIELDS', 'ModelArguments', 'DataArguments', 'check_quantization',
-           'check_batching', 'check_run_length', 'check_intervals', 'check_resume_folder', 'TrainingArguments',
-           'GenerationArguments', 'translate_legacy_flags', 'make_parser', 'known_flags', 'flag_table', 'merge_args',
-           'parse_args', 'to_yaml', 'save_yaml', 'read_yaml', 'arg_value', 'cli_tokens', 'default_arg_values',
-           'args_values']
+           'INIT_LORA_WEIGHTS', 'ADAPTER_FLAGS', 'PLANNING', 'LEGACY_FLAGS', 'ARG_CLASSES', 'DERIVED_FIELDS',
+           'ModelArguments', 'DataArguments', 'check_quantization', 'check_batching', 'check_run_length',
+           'check_intervals', 'check_resume_folder', 'comma_list', 'check_lora_variant', 'check_lora_init',
+           'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags', 'make_parser', 'known_flags',
+           'flag_table', 'merge_args', 'planning', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml', 'arg_value',
+           'cli_tokens', 'default_arg_values', 'args_values']
 
 # %% ../nbs/00_config.ipynb #ec043800
 import copy, dataclasses, enum, json, sys, warnings
@@ -137,6 +138,51 @@ def check_resume_folder(path):
                       "in --output_dir, so the flag can be left out; to resume from another checkpoint, give its folder "
                       "(.../checkpoint-N).")
 
+# %% ../nbs/00_config.ipynb #h7lora01
+import re
+
+INIT_LORA_WEIGHTS = ["true", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq"]  # peft's, N: subspace iterations
+ADAPTER_FLAGS = ["use_dora", "use_rslora", "lora_target_modules", "lora_layers", "modules_to_save"]
+
+def comma_list(value) -> list:
+    "The items of a comma-separated setting: `'q_proj, v_proj'` -> `['q_proj', 'v_proj']`; unset -> `[]`."
+    return [s.strip() for s in str(value or "").split(",") if s.strip()]
+
+def check_lora_variant(t):
+    "LoRA variants and targets that can be trained and saved (`t`: the training arguments)."
+    init, layers, targets = t.init_lora_weights, comma_list(t.lora_layers), comma_list(t.lora_target_modules)
+    require(init in INIT_LORA_WEIGHTS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", init), f"init_lora_weights must be "
+            f"one of {', '.join(INIT_LORA_WEIGHTS)} (N: a number of iterations, such as pissa_niter_4), got {init!r}.")
+    require(all(s.isdigit() for s in layers), f"--lora_layers takes block indices from 0, separated by commas (0,1,2), "
+            f"got {t.lora_layers!r}.")
+    require("all-linear" not in targets or targets == ["all-linear"], f"--lora_target_modules {t.lora_target_modules}: "
+            "all-linear means every linear layer, so it stands alone; or list the layer names (q_proj,v_proj).")
+    used = [f"--{k}" for k in ADAPTER_FLAGS if getattr(t, k)] + (["--init_lora_weights"] if init != "true" else [])
+    require(not (t.full_finetune and used), f"{' '.join(used)} set(s) up LoRA adapters, and --full_finetune trains "
+            "without adapters: drop one or the other.")
+    require(not (t.use_dora and init == "loftq"), "--use_dora with --init_lora_weights loftq: LoftQ fits plain LoRA "
+            "adapters, and DoRA's magnitudes are computed before it runs. Choose one of the two.")
+    check_lora_init(init, t.bits, t.do_train)
+
+# %% ../nbs/00_config.ipynb #h7lora02
+PLANNING = Namespace(active=False)  # `planning()` sets it: settings for a plan are not checked against this machine
+
+def check_lora_init(init: str, bits: int, do_train: bool):
+    "An initialisation that this base (`--bits`), this machine and saving the trained adapter allow."
+    require(not (init.startswith("pissa") and bits in (4, 8)), f"--init_lora_weights {init} on a {bits}-bit base: "
+            "peft computes PiSSA from full-precision weights and refuses quantized ones. Use --bits 16 or --bits 32 "
+            "(QPiSSA, initialising in full precision and quantizing the residual, is not built yet).")
+    changes_base = init.startswith("pissa") or init == "olora"
+    require(not (changes_base and do_train), f"--init_lora_weights {init} moves part of each base weight into the "
+            "adapter, so the trained adapter would apply only to that changed base, and qlora-nb does not yet convert "
+            "it back when saving. Use --init_lora_weights true (or gaussian), or --do_train false to only evaluate.")
+    if init != "loftq": return
+    require(bits == 4, f"--init_lora_weights loftq fits the adapters to the error of 4-bit weights: use --bits 4, "
+            f"not {bits}.")
+    import torch
+    require(PLANNING.active or torch.cuda.is_available(), "--init_lora_weights loftq needs a CUDA GPU (peft's LoftQ "
+            "computes on it) and this machine has none: train with --init_lora_weights true here, or run on a GPU.")
+
 # %% ../nbs/00_config.ipynb #ae8a414e
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
@@ -161,6 +207,18 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     lora_r: int = field(default=64, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: train each adapted weight's magnitude apart from "
+        "its direction (peft's use_dora; one more vector per layer)."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale the update by alpha / sqrt(r) instead of "
+        "alpha / r, so a large rank still learns (peft's use_rslora)."})
+    init_lora_weights: str = field(default="true", metadata={"help": "How the adapters start: true (A random, B zero, "
+        "as qlora.py), gaussian, pissa, pissa_niter_N, olora, or loftq (CUDA only)."})
+    lora_target_modules: Optional[str] = field(default=None, metadata={"help": "Layers to adapt, by name, "
+        "comma-separated (q_proj,v_proj); unset or all-linear: every linear layer but lm_head, as qlora.py."})
+    lora_layers: Optional[str] = field(default=None, metadata={"help": "Blocks to adapt, by index from 0, "
+        "comma-separated (peft's layers_to_transform); unset: every block."})
+    modules_to_save: Optional[str] = field(default=None, metadata={"help": "Modules trained in full and saved with the "
+        "adapter, comma-separated (such as lm_head)."})
     max_memory_MB: int = field(default=80000, metadata={"help": "Memory per GPU the model may use, in MB."})
     report_to: str = field(default="none", metadata={"help": "Where to report metrics: none, wandb, tensorboard, ..."})
     output_dir: str = field(default="./output", metadata={"help": "Folder for checkpoints, adapters, metrics and logs."})
@@ -192,6 +250,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         # checked before transformers sees them, so a mistake reads as a sentence about QLoRA
         check_quantization(self.bits, self.quant_type, self.full_finetune, self.lora_r, self.lora_dropout,
                            self.fp16, self.bf16, self.lora_alpha)
+        check_lora_variant(self)
         check_batching(self); check_run_length(self); check_intervals(self)
         check_resume_folder(self.resume_from_checkpoint)
         require(self.mmlu_source_max_len > 0, f"mmlu_source_max_len must be positive, got {self.mmlu_source_max_len}.")
@@ -326,9 +385,22 @@ def merge_args(model_args, data_args, training_args, generation_args) -> Namespa
     flat = {f.name: getattr(o, f.name) for o in objs.values() for f in dataclasses.fields(o)}
     return Namespace(**flat, **objs)
 
+# %% ../nbs/00_config.ipynb #605886a1
+import contextlib
+
+@contextlib.contextmanager
+def planning():
+    "While settings are built for a plan, no check of this machine's devices: the run may be for another machine."
+    import transformers.training_args as ta  # transformers' bf16 check, and ours of LoftQ's GPU (`check_lora_init`)
+    saved, ta.is_torch_bf16_gpu_available = ta.is_torch_bf16_gpu_available, lambda *a, **k: True
+    PLANNING.active = True
+    try: yield
+    finally: ta.is_torch_bf16_gpu_available, PLANNING.active = saved, False
+
 # %% ../nbs/00_config.ipynb #d04eac0a
 def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
-               quiet=False): # do not print notices about old spellings
+               quiet=False, # do not print notices about old spellings
+               plan=False): # settings for a plan (memory estimate, form): no check of this machine's devices
     "Parse `qlora.py`-compatible flags (and `--config run.yaml`) into one validated namespace."
     # `train -- --flags`: no setting is positional, so a `--` (end of options) only hid the flags after it
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
@@ -338,7 +410,8 @@ def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
     if config is not None:
         values, more = read_yaml(config)
         parser.set_defaults(**values); notices += more
-    *objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    with planning() if plan else contextlib.nullcontext():
+        *objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest: reject_unknown(flag_names(rest), known_flags())
     require(not rest, f"Unexpected value(s) on the command line: {' '.join(rest)}.")
     args = merge_args(*objs)

@@ -1,4 +1,4 @@
-"""LoRA adapters on a quantized model: counting parameters right, finding the layers to adapt, attaching or reloading adapters, the dtype fixes of `qlora.py`, and the test that every adapter gets a gradient.
+"""LoRA adapters on a quantized model: counting parameters right, finding the layers to adapt, attaching or reloading adapters, peft's variants (DoRA, rsLoRA, OLoRA, LoftQ, which layers), the dtype fixes of `qlora.py`, and the test that every adapter gets a gradient.
 
 Docs: https://github.com/qlora-nb/qlora_nb/lora.html.md"""
 
@@ -6,8 +6,9 @@ Docs: https://github.com/qlora-nb/qlora_nb/lora.html.md"""
 
 # %% auto #0
 __all__ = ['CHECKPOINTING', 'MODULE_TYPES', 'true_numel', 'count_parameters', 'linear_layer_class', 'find_all_linear_names',
-           'prepare_for_training', 'make_lora_config', 'load_adapters', 'attach_lora', 'print_trainable_parameters',
-           'storage_of', 'dtype_table', 'module_type', 'parameters_by_module_type', 'fix_dtypes']
+           'lora_targets', 'lora_layer_indices', 'lora_modules_to_save', 'prepare_for_training', 'make_lora_config',
+           'load_adapters', 'init_loftq', 'attach_lora', 'print_trainable_parameters', 'storage_of', 'dtype_table',
+           'module_type', 'parameters_by_module_type', 'fix_dtypes']
 
 # %% ../nbs/03_lora.ipynb #79c90a61
 import math, warnings
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 import bitsandbytes as bnb
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, replace_lora_weights_loftq
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-from .config import ConfigError, require
+from .config import ConfigError, check_lora_init, comma_list, require
 from .quant import load_dtype, uses_fsdp
 
 # %% ../nbs/03_lora.ipynb #8094a1e4
@@ -49,6 +51,36 @@ def find_all_linear_names(args, model) -> list:
             "loaded, and that the model has linear layers.")
     return sorted(names)
 
+# %% ../nbs/03_lora.ipynb #h7v01
+def lora_targets(args, model) -> list:
+    "The layer names to adapt: `--lora_target_modules`, checked against `model`; unset: every linear layer but lm_head."
+    names, linear = comma_list(args.lora_target_modules), find_all_linear_names(args, model)
+    if names in ([], ["all-linear"]): return linear
+    unknown = [n for n in names if n not in linear]
+    require(not unknown, f"--lora_target_modules {','.join(unknown)}: {type(model).__name__} has no linear layer of "
+            f"that name (--bits {args.bits}). Its linear layers are {','.join(linear)}; lm_head and the embeddings can "
+            "be trained in full with --modules_to_save lm_head.")
+    return names
+
+# %% ../nbs/03_lora.ipynb #h7v04
+def lora_layer_indices(args, model): # -> sorted block indices, or None for every block
+    "`--lora_layers` as peft's `layers_to_transform`, each index checked against the model's blocks."
+    layers = sorted({int(s) for s in comma_list(args.lora_layers)})
+    if not layers: return None
+    n = model.config.get_text_config().num_hidden_layers
+    require(layers[-1] < n, f"--lora_layers {args.lora_layers}: {type(model).__name__} has {n} blocks, numbered 0 to "
+            f"{n - 1}; leave --lora_layers unset to adapt every block.")
+    return layers
+
+def lora_modules_to_save(args, model): # -> module names, or None
+    "`--modules_to_save`, each name checked against the modules of `model`."
+    names, present = comma_list(args.modules_to_save), {n.split(".")[-1] for n, _ in model.named_modules()}
+    unknown = [n for n in names if n not in present]
+    require(not unknown, f"--modules_to_save {','.join(unknown)}: {type(model).__name__} has no module of that name; "
+            f"outside the blocks it has {','.join(sorted(n for n, _ in model.named_children()) or ['-'])} and "
+            f"{','.join(n for n, _ in getattr(model, 'model', model).named_children())}.")
+    return names or None
+
 # %% ../nbs/03_lora.ipynb #93534fba
 CHECKPOINTING = {"use_reentrant": False}
 
@@ -64,9 +96,15 @@ def prepare_for_training(model, args):
 
 # %% ../nbs/03_lora.ipynb #dfc11463
 def make_lora_config(args, model) -> LoraConfig:
-    "The LoRA configuration of a QLoRA run, targeting every linear layer but `lm_head`."
+    "The LoRA configuration of a run: rank, scaling, variant, initialisation, and which layers and modules train."
+    init = args.init_lora_weights
+    check_lora_init(init, args.bits, do_train=False)  # what this base allows (parse_args checked the rest)
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=find_all_linear_names(args, model))
+                      task_type="CAUSAL_LM", target_modules=lora_targets(args, model),
+                      layers_to_transform=lora_layer_indices(args, model),
+                      modules_to_save=lora_modules_to_save(args, model),
+                      use_dora=args.use_dora, use_rslora=args.use_rslora,
+                      init_lora_weights=True if init in ("true", "loftq") else init)  # loftq: after attaching, below
 
 # %% ../nbs/03_lora.ipynb #884bd3d0
 def load_adapters(model, checkpoint_dir):
@@ -82,12 +120,21 @@ def load_adapters(model, checkpoint_dir):
                           "Resume from an earlier checkpoint or start over.") from None
 
 # %% ../nbs/03_lora.ipynb #f7cb3f8b
+def init_loftq(model, args):
+    "LoftQ: each 4-bit layer's `s·B A` fitted to its rounding error `W - dequantize(W_4bit)` (peft's, scaled right)."
+    local = Path(args.model_name_or_path)  # peft reads the full-precision weights: a local folder must be named
+    replace_lora_weights_loftq(model, model_path=str(local) if local.is_dir() else None)
+    for m in model.modules():  # peft fits B A to the error, but the layer adds s·B A (s = alpha / r): divide B by s
+        if isinstance(m, LoraLinear4bit): m.lora_B["default"].weight.data /= m.scaling["default"]
+    return model
+
 def attach_lora(model, args, checkpoint_dir=None): # checkpoint_dir: a checkpoint-N folder to reload adapters from
     "Prepare `model` for training and put LoRA adapters on it: new ones, or those of `checkpoint_dir`."
     model = prepare_for_training(model, args)
     if args.full_finetune: return model
-    if checkpoint_dir is not None: return load_adapters(model, checkpoint_dir)
-    return get_peft_model(model, make_lora_config(args, model))
+    if checkpoint_dir is not None: return load_adapters(model, checkpoint_dir)  # the variant is in its adapter_config
+    model = get_peft_model(model, make_lora_config(args, model))
+    return init_loftq(model, args) if args.init_lora_weights == "loftq" else model
 
 # %% ../nbs/03_lora.ipynb #e76f1e7d
 def print_trainable_parameters(args, model) -> tuple:

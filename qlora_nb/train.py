@@ -140,12 +140,14 @@ RUN_CONFIG = "run_config.json"  # in each checkpoint: `resolved_config` of the r
 RESUME_FIXED = {  # (group of resolved_config, setting): what a checkpoint was trained as; a resumed run keeps them
     "model": ["model_name_or_path"],
     "training": ["bits", "quant_type", "double_quant", "full_finetune", "lora_r", "lora_alpha", "lora_dropout",
+                 "use_dora", "use_rslora", "init_lora_weights", "lora_target_modules", "lora_layers", "modules_to_save",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "learning_rate",
                  "lr_scheduler_type", "warmup_steps", "weight_decay", "train_on_source", "train_sampling_strategy",
                  "seed"],
     "data": ["dataset", "dataset_format", "source_max_len", "target_max_len", "packing", "eval_dataset_size",
              "max_train_samples", "chat_template"]}
-ADAPTER_CONFIG_NAMES = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}  # peft's names
+ADAPTER_CONFIG_NAMES = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",  # peft's names
+                        "use_dora": "use_dora", "use_rslora": "use_rslora"}
 
 def recorded_settings(checkpoint) -> dict:
     "The settings `checkpoint` was written with: its `run_config.json`, else what its adapter's config says."
