@@ -23,7 +23,8 @@ from transformers.training_args import OptimizerNames
 from .config import (ARG_CLASSES, DATASET_NAMES, ConfigError, DERIVED_FIELDS, DataArguments,
                              GenerationArguments, ModelArguments, TrainingArguments, arg_value, args_values,
                              cli_tokens, default_arg_values, parse_args, read_yaml, require, save_yaml, to_yaml)
-from .memory import estimate_memory, load_model_config, memory_table_html
+from .memory import (estimate_memory, find_model_config, fit_summary, load_model_config, memory_table_html,
+                             popular_models)
 
 # %% ../nbs/10_widgets.ipynb #f063ffe0
 COMMON_INHERITED = ["seed", "do_eval", "do_predict", "eval_strategy", "eval_steps", "per_device_eval_batch_size",
@@ -38,7 +39,8 @@ def shown_field_names(cls) -> list:
 # %% ../nbs/10_widgets.ipynb #6254889f
 EXTRA_CHOICES = {"optim": [o.value for o in OptimizerNames], "lr_scheduler_type": [s.value for s in SchedulerType],
                  "save_strategy": [s.value for s in SaveStrategy]}
-SUGGESTIONS = {"dataset": DATASET_NAMES}  # a dropdown that also takes free text (a local file)
+SUGGESTIONS = {"dataset": DATASET_NAMES,  # a dropdown that also takes free text (a local file, another model)
+               "model_name_or_path": list(popular_models())}
 
 def field_choices(f: dataclasses.Field, hint) -> list | None:
     "The fixed values a field may take, or None when it takes any value of its type."
@@ -150,6 +152,7 @@ class ConfigForm:
         self.defaults = {n: reference.get(n, f.default) for n, f in self.fields.items()}
         self.hidden = {}  # non-default settings the form does not show, kept so that args -> form -> args is exact
         self.model_config, self.fetched, self.estimate, self.error, self._quiet = model_config, {}, None, None, True
+        self.device_error, self.config_source = None, None  # why this machine cannot train it; where the config is from
         self._build()
         for w in self.widgets.values(): w.observe(lambda change: self._quiet or self.refresh(), names="value")
         if args is None: self.set_values(self.defaults)
@@ -217,11 +220,11 @@ def to_cli(self: ConfigForm) -> str:
 
 # %% ../nbs/10_widgets.ipynb #50852df3
 @patch
-def to_args(self: ConfigForm):
+def to_args(self: ConfigForm, plan: bool = False): # a plan: the run is for another machine (no device check)
     "The `parse_args` namespace of the form's settings, validated as the command line is."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' deprecation notices, once per change, would drown the form
-        return parse_args(self.to_cli_argv(), quiet=True)
+        return parse_args(self.to_cli_argv(), quiet=True, plan=plan)
 
 # %% ../nbs/10_widgets.ipynb #020b93c5
 @patch
@@ -247,13 +250,13 @@ def from_args(cls: ConfigForm, args, **kwargs) -> ConfigForm:
 @patch
 def to_yaml(self: ConfigForm) -> str:
     "The YAML text of the form's settings (`qlora-nb train --config FILE`)."
-    return to_yaml(self.to_args())
+    return to_yaml(self.to_args(plan=True))
 
 # %% ../nbs/10_widgets.ipynb #0200b41f
 @patch
 def save_yaml(self: ConfigForm, path) -> Path:
     "Write the form's settings to a YAML file."
-    return save_yaml(self.to_args(), path)
+    return save_yaml(self.to_args(plan=True), path)
 
 # %% ../nbs/10_widgets.ipynb #a99e2fd5
 @patch
@@ -267,14 +270,30 @@ def load_yaml(self: ConfigForm, path):
 @patch
 def refresh(self: ConfigForm):
     "Re-check the settings; update the message, the command line, the Train button and the memory estimate."
-    try: args, self.error = self.to_args(), None
+    try: args, self.error = self.to_args(plan=True), None
     except ValueError as e: args, self.error = None, str(e)  # ConfigError, and argparse/transformers' own ValueErrors
+    self.device_error = None if args is None else self._device_error(args)
     if args is not None: self._show_derived(args)
-    self.message.value = "" if self.error is None else (
-        f"<div style='color:#b00020'><b>Cannot train:</b> {html.escape(self.error)}</div>")
+    why = self.error or self.device_error
+    title = "Cannot train" if self.error else "Cannot train on this machine (the plan is for one that can)"
+    self.message.value = "" if why is None else (
+        f"<div style='color:#b00020'><b>{title}:</b> {html.escape(why)}</div>")
     self.command.value = "" if self.error else f"<code style='font-size:0.85em'>{html.escape(self.to_cli())}</code>"
-    self.train_button.disabled = self.error is not None
+    self.train_button.disabled = not self.can_train
     self.update_estimate()
+
+# %% ../nbs/10_widgets.ipynb #c1f44929
+@patch
+def _device_error(self: ConfigForm, planned) -> str | None:
+    "Why this machine cannot train settings that are a valid plan, or None."
+    if not planned.bf16: return None  # bf16 is the one device check a plan skips (`qlora_nb.config.planning`)
+    try: self.to_args()
+    except ValueError as e: return str(e)
+
+@patch(as_prop=True)
+def can_train(self: ConfigForm) -> bool:
+    "Whether Train may run: valid settings this machine can train."
+    return self.error is None and self.device_error is None
 
 # %% ../nbs/10_widgets.ipynb #76e2149c
 @patch
@@ -290,10 +309,12 @@ def _show_derived(self: ConfigForm, args):
 
 # %% ../nbs/10_widgets.ipynb #c5edc193
 @patch
-def _model_config(self: ConfigForm, values):
+def _model_config(self: ConfigForm, values) -> tuple:
+    "(config, where it came from) for the estimate."
     name = values["model_name_or_path"]
-    return self.model_config or self.fetched.get(name) or load_model_config(
-        name, values.get("token"), values.get("trust_remote_code", False), local_files_only=True)
+    if self.model_config is not None: return self.model_config, "the config given to the form"
+    if name in self.fetched: return self.fetched[name], "the hub"
+    return find_model_config(name, values.get("token"), values.get("trust_remote_code", False), local_files_only=True)
 
 # %% ../nbs/10_widgets.ipynb #ee658661
 @patch
@@ -308,10 +329,11 @@ def fetch_config(self: ConfigForm, _=None):
 # %% ../nbs/10_widgets.ipynb #46ec1e1e
 @patch
 def update_estimate(self: ConfigForm):
-    "Recompute `self.estimate` and its table from the current settings."
+    "Recompute `self.estimate`, its table and the GPU sizes it fits from the current settings."
     try:
         values = self.values
-        self.estimate = estimate_memory(self._model_config(values), values)
+        config, self.config_source = self._model_config(values)
+        self.estimate = estimate_memory(config, values)
     except ConfigError as e:
         self.estimate, self.memory.value = None, f"<i>No estimate: {html.escape(str(e))}</i>"
         self.fetch_button.layout.display = None if "on this machine" in str(e) else "none"
@@ -319,8 +341,9 @@ def update_estimate(self: ConfigForm):
     self.fetch_button.layout.display = "none"
     seq = values["source_max_len"] + values["target_max_len"]
     note = (f"{values['bits']}-bit, r={values['lora_r']}, batch {values['per_device_train_batch_size']} × {seq} "
-            f"tokens, checkpointing {'on' if values['activation_checkpointing'] else 'off'}")
-    self.memory.value = memory_table_html(self.estimate, note)
+            f"tokens, checkpointing {'on' if values['activation_checkpointing'] else 'off'}; "
+            f"config from {self.config_source}")
+    self.memory.value = f"{memory_table_html(self.estimate, note)}<div><b>{fit_summary(self.estimate)}</b></div>"
 
 # %% ../nbs/10_widgets.ipynb #80797fd9
 @patch
@@ -342,4 +365,4 @@ def _on_train(self: ConfigForm, _=None):
         why = html.escape(f"{type(failure).__name__}: {failure}")
         self.status.value = (f"Finished: the run is in {where}" if failure is None else
                              f"<span style='color:#b00020'>Training failed: {why}</span>")
-        self.train_button.disabled = self.error is not None
+        self.train_button.disabled = not self.can_train
