@@ -6,14 +6,16 @@ Docs: https://github.com/qlora-nb/qlora_nb/merge.html.md"""
 
 # %% auto #0
 __all__ = ['QUANT_DEFAULTS', 'ADAPTER_WEIGHTS', 'UNSUPPORTED', 'PEFT_PREFIX', 'BASE_FILES', 'INTO', 'DTYPES', 'FIXED_TEXTS',
-           'MODELS', 'SIDES', 'MERGE_USAGE', 'run_folder', 'run_settings', 'quant_settings', 'read_adapter_config',
-           'read_adapter_weights', 'split_adapter', 'pattern_value', 'lora_scaling', 'resolve_base', 'base_shards',
-           'weight_shapes', 'model_skeleton', 'quantized_weights', 'embedding_names', 'check_adapter_fits', 'is_tied',
-           'keep_tied', 'dequantized', 'merged_weight', 'MergePlan', 'untied_head', 'source_tensor', 'final_tensor',
-           'write_shards', 'write_index', 'embedding_rows', 'write_model_files', 'check_merge_output', 'make_plan',
-           'merge_adapter', 'logit_tolerance', 'base_as_trained', 'adapter_on_4bit', 'peft_merged_original',
-           'report_batches', 'example_scores', 'measure_merge', 'report_table', 'merge_report', 'prompt_text',
-           'continuations', 'side_by_side', 'side_by_side_html', 'parse_merge_args', 'merge_main']
+           'MODELS', 'SIDES', 'PROMPTS', 'MERGE_USAGE', 'run_folder', 'run_settings', 'quant_settings',
+           'read_adapter_config', 'read_adapter_weights', 'split_adapter', 'pattern_value', 'lora_scaling',
+           'resolve_base', 'base_shards', 'weight_shapes', 'model_skeleton', 'quantized_weights', 'embedding_names',
+           'check_adapter_fits', 'is_tied', 'keep_tied', 'dequantized', 'merged_weight', 'MergePlan', 'untied_head',
+           'source_tensor', 'final_tensor', 'write_shards', 'write_index', 'embedding_rows', 'write_model_files',
+           'check_merge_output', 'make_plan', 'merge_adapter', 'logit_tolerance', 'base_as_trained', 'adapter_on_4bit',
+           'peft_merged_original', 'output_folder', 'dataset_candidates', 'run_dataset', 'run_eval_records',
+           'report_records', 'as_batch', 'conversation_batches', 'report_batches', 'example_scores', 'measure_merge',
+           'report_table', 'merge_report', 'prompt_tokens', 'run_generation_config', 'continuations', 'base_before',
+           'side_by_side', 'side_by_side_html', 'before_after', 'before_after_widget', 'parse_merge_args', 'merge_main']
 
 # %% ../nbs/09c_merge.ipynb #75e54fa9
 import argparse, json, math, os, re, shutil, sys
@@ -409,24 +411,93 @@ def peft_merged_original(adapter: Path, base: Path, rows: int):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map=_device_map())
     return _with_adapter(model, adapter, rows).merge_and_unload()
 
-# %% ../nbs/09c_merge.ipynb #11be348c
+# %% ../nbs/09c_merge.ipynb #f6cabb59
+def output_folder(adapter: Path) -> Path:
+    "The run's output_dir as it is now: the folder that holds the adapter's checkpoint, or the run folder itself."
+    folder = run_folder(adapter)
+    return folder.parent if folder.name.startswith("checkpoint-") else folder
+
+def dataset_candidates(dataset: str, recorded_output_dir, out: Path) -> list:
+    "Where the run's `--dataset` file may be now: as given, moved with the run folder, beside where training started."
+    d, was, out = Path(dataset), Path(recorded_output_dir or "."), Path(out).resolve()
+    found, n = [d], len(was.parts)
+    if n and d.parts[:n] == was.parts: found.append(out.joinpath(*d.parts[n:]))  # inside the output_dir, now moved
+    if n and not d.is_absolute() and not was.is_absolute() and out.parts[-n:] == was.parts:
+        found.append(out.parents[n - 1]/d)  # relative to the folder training started in
+    return list(dict.fromkeys(found))
+
+# %% ../nbs/09c_merge.ipynb #355d1f16
+def run_dataset(settings: dict, out: Path) -> tuple:
+    "(the run's `--dataset`: a hub name, or the file where it is now; or None, and why) from its recorded settings."
+    from qlora_nb.formatters import HUB_DATASETS
+    dataset = settings.get("data", {}).get("dataset")
+    if not dataset: return None, "the run's settings (run_config.json or metrics.json) name no data set"
+    if dataset in HUB_DATASETS: return dataset, None
+    tried = dataset_candidates(dataset, settings.get("training", {}).get("output_dir"), out)
+    found = next((p for p in tried if p.is_file()), None)
+    if found is not None: return str(found), None
+    return None, f"the run's data set {dataset} is not found (looked at {', '.join(map(str, tried))})"
+
+# %% ../nbs/09c_merge.ipynb #c69ee724
+def run_eval_records(settings: dict, dataset: str) -> tuple:
+    "(records, what they are): the run's eval split as training split it, or its training data if it held none out."
+    from qlora_nb.data import formatted_splits
+    data, training = settings.get("data", {}), settings.get("training", {})
+    held_out = bool(training.get("do_eval") or training.get("do_predict"))  # else training split nothing off
+    args = SimpleNamespace(dataset=dataset, dataset_format=data.get("dataset_format"), do_eval=held_out,
+                           eval_dataset_size=data.get("eval_dataset_size", 1024), do_predict=False, do_train=False,
+                           max_train_samples=data.get("max_train_samples"),
+                           max_eval_samples=data.get("max_eval_samples"),
+                           cache_dir=settings.get("model", {}).get("cache_dir"))
+    splits = formatted_splits(args)
+    if splits.eval is not None: return splits.eval, f"the run's eval split of {dataset}"
+    return splits.train, f"the run's training data {dataset} (the run held out no eval split)"
+
+# %% ../nbs/09c_merge.ipynb #1a791d81
+def report_records(settings: dict, out: Path, eval_data=None) -> tuple:
+    "(records or None, where they come from): `eval_data`'s, else the run's eval split, else None (the fixed texts)."
+    from qlora_nb.formatters import format_dataset, load_data
+    if eval_data is not None:
+        fmt = settings.get("data", {}).get("dataset_format")
+        return format_dataset(load_data(str(eval_data))["train"], fmt, str(eval_data)), f"--eval_data {eval_data}"
+    dataset, why = run_dataset(settings, out)
+    if dataset is not None:
+        try: return run_eval_records(settings, dataset)
+        except Exception as e: why = f"the run's data set {dataset} cannot be read ({str(e).splitlines()[0][:300]})"
+    say(f"{why}: the merge report scores a few fixed texts instead; pass --eval_data FILE to score your data.")
+    return None, "fixed texts"
+
+# %% ../nbs/09c_merge.ipynb #05f0816d
 FIXED_TEXTS = ["The quick brown fox jumps over the lazy dog.",
                "Below is an instruction that describes a task. Write a response that appropriately completes the "
                "request.",
                "Question: what is the capital of France? Answer: Paris.",
                "def add(a, b):\n    return a + b\n"]
 
-def report_batches(tokenizer, settings: dict, eval_data=None, max_examples: int = 8) -> list:
-    "One batch per example (`input_ids`, `attention_mask`, `labels`): `eval_data`'s records, else `FIXED_TEXTS`."
-    if eval_data is None:
-        return [dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids) for ids in
-                (tokenizer(t, return_tensors="pt")["input_ids"] for t in FIXED_TEXTS[:max_examples])]
-    from qlora_nb.data import DataCollatorForCausalLM
-    from qlora_nb.formatters import format_dataset, load_data
+def as_batch(ids: list, labels: list) -> dict:
+    "One example as a batch of one."
+    ids = torch.tensor([ids])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([labels]))
+
+def conversation_batches(tokenizer, records, settings: dict, max_examples: int) -> list:
+    "The first `max_examples` conversations that fit, labelled on the assistant turns as training labelled them."
+    from itertools import islice
+    from qlora_nb.data import conversation_row
+    require(tokenizer.chat_template is not None, "the conversations need the run's chat template, but its tokenizer "
+            "has none: merge a run that trained on conversations, or give --eval_data a file of prompt/answer pairs.")
     data, training = settings.get("data", {}), settings.get("training", {})
-    records = format_dataset(load_data(str(eval_data))["train"], data.get("dataset_format"), str(eval_data))
-    require("input" in records.column_names, f"--eval_data {eval_data}: conversations are not scored by the merge "
-            "report yet; give a file of prompt/answer records.")
+    max_len = data.get("source_max_len", 1024) + data.get("target_max_len", 256)
+    rows = (conversation_row(tokenizer, json.loads(t), max_len, training.get("train_on_source", False))
+            for t in records["conversation"])
+    return [as_batch(r["input_ids"], r["labels"]) for r in islice((r for r in rows if r is not None), max_examples)]
+
+def report_batches(tokenizer, settings: dict, records=None, max_examples: int = 8) -> list:
+    "One batch per example: of `records` (pairs or conversations, from `report_records`), else of `FIXED_TEXTS`."
+    if records is None:
+        return [as_batch(ids, ids) for ids in (tokenizer(t)["input_ids"] for t in FIXED_TEXTS[:max_examples])]
+    if "conversation" in records.column_names: return conversation_batches(tokenizer, records, settings, max_examples)
+    from qlora_nb.data import DataCollatorForCausalLM
+    data, training = settings.get("data", {}), settings.get("training", {})
     collate = DataCollatorForCausalLM(tokenizer, data.get("source_max_len", 1024), data.get("target_max_len", 256),
                                       training.get("train_on_source", False))
     return [collate([r]) for r in records.select(range(min(max_examples, len(records))))]
@@ -470,7 +541,7 @@ def measure_merge(plan: MergePlan, adapter: Path, base: Path, merged: Path, batc
 # %% ../nbs/09c_merge.ipynb #f039580d
 def report_table(report: dict) -> str:
     "The merge report as a table of text."
-    lines = [f"merge report: {report['examples']} examples ({report['source']}); "
+    lines = [f"merge report: {report['examples']} examples, {report['source']}; "
              f"merged {report['into']}, {report['dtype']}",
              f"{'model':<48} {'loss':>9} {'perplexity':>11} {'max |logit - (a)|':>18}"]
     for key, s in report["models"].items():
@@ -484,8 +555,10 @@ def merge_report(plan: MergePlan, adapter: Path, base: Path, merged: Path, # the
                  eval_data=None, max_examples: int = 8) -> dict:
     "Measure `merged` against the 4-bit model with its adapter; write `merge_report.json` into it, print the table."
     from transformers import AutoTokenizer
-    batches = report_batches(AutoTokenizer.from_pretrained(merged), run_settings(adapter), eval_data, max_examples)
-    report = {"examples": len(batches), "source": f"--eval_data {eval_data}" if eval_data else "fixed texts",
+    settings = run_settings(adapter)
+    records, source = report_records(settings, output_folder(adapter), eval_data)
+    batches = report_batches(AutoTokenizer.from_pretrained(merged), settings, records, max_examples)
+    report = {"examples": len(batches), "source": source,
               "into": plan.into, "dtype": str(plan.dtype).removeprefix("torch."), "adapter": str(adapter),
               "base": str(base)}
     report |= measure_merge(plan, adapter, base, merged, batches)
@@ -493,45 +566,95 @@ def merge_report(plan: MergePlan, adapter: Path, base: Path, merged: Path, # the
     print(report_table(report))
     return report
 
-# %% ../nbs/09c_merge.ipynb #09f62b20
-def prompt_text(tokenizer, prompt: str) -> str:
-    "`prompt` as the model sees it: a user turn of the chat template and the generation prompt, when there is one."
-    if tokenizer.chat_template is None: return prompt
-    turn = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+# %% ../nbs/09c_merge.ipynb #de21ef05
+def prompt_tokens(tokenizer, prompt: str) -> list:
+    "`prompt` as the model is given it: a user turn and the generation prompt of the chat template, if there is one."
+    from qlora_nb.templates import prompt_ids
+    if tokenizer.chat_template is None: return tokenizer(prompt)["input_ids"]
+    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
 
-def continuations(model, tokenizer, prompts: list, max_new_tokens: int = 16) -> list:
-    "The greedy continuation of each prompt, one prompt at a time (no padding), up to its first stop id."
-    from transformers import GenerationConfig
+def run_generation_config(settings: dict, **overrides):
+    "The run's generation flags (its recorded \"generation\" group; defaults for the rest), `overrides` on top."
+    import dataclasses
+    from qlora_nb.config import GenerationArguments
+    names = {f.name for f in dataclasses.fields(GenerationArguments)}
+    require(not (unknown := sorted(set(overrides) - names)), f"unknown generation settings {unknown}: "
+            f"choose from {', '.join(sorted(names))}.")
+    recorded = {k: v for k, v in settings.get("generation", {}).items() if k in names}
+    return GenerationArguments(**recorded | overrides).to_generation_config()
+
+# %% ../nbs/09c_merge.ipynb #18927c38
+def continuations(model, tokenizer, prompts: list, generation_config, seed: int = 0) -> list:
+    "Each prompt's continuation, one prompt at a time (no padding), up to its first stop id; each sample seeded."
     from qlora_nb.predict import generate_batch, generation_config_for
-    config = generation_config_for(tokenizer, GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False))
-    encode = lambda p: {k: v for k, v in tokenizer(prompt_text(tokenizer, p), return_tensors="pt").items()
-                        if k in ("input_ids", "attention_mask")}
-    return [generate_batch(model, tokenizer, encode(p), config)[0] for p in prompts]
+    config = generation_config_for(tokenizer, generation_config, conversations=tokenizer.chat_template is not None)
+    texts = []
+    for p in prompts:
+        ids = torch.tensor([prompt_tokens(tokenizer, p)])
+        torch.manual_seed(seed)  # sampling: the same draws for each model
+        texts += generate_batch(model, tokenizer, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), config)
+    return texts
 
-# %% ../nbs/09c_merge.ipynb #4500fae5
+# %% ../nbs/09c_merge.ipynb #4382201f
 SIDES = {"base": "base", "adapter": "base + adapter", "merged": "merged"}
 
-def side_by_side(plan: MergePlan, adapter: Path, base: Path, merged: Path, prompts: list,
-                 max_new_tokens: int = 16) -> list:
-    "[{prompt, base, adapter, merged}]: each prompt's continuation by the three models, loaded one at a time."
+def base_before(plan: MergePlan, base: Path, rows: int):
+    "The base as training started: loaded as the run loaded it, rows for the tokens the run added set to the mean."
+    from qlora_nb.model import mean_init_rows
+    model = base_as_trained(plan, base)
+    if (have := model.get_input_embeddings().weight.shape[0]) < rows: mean_init_rows(model, have, rows)
+    return model
+
+def side_by_side(plan: MergePlan, adapter: Path, base: Path, merged: Path | None, prompts: list,
+                 generation_config=None, seed: int = 0) -> list:
+    "[{prompt, base, adapter, merged}]: each prompt's continuation by each model (loaded one at a time)."
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer, rows = AutoTokenizer.from_pretrained(merged), embedding_rows(plan)
-    loaders = {"base": lambda: base_as_trained(plan, base),
+    tokenizer = AutoTokenizer.from_pretrained(merged or run_tokenizer_folder(adapter) or base)
+    config, rows = generation_config or run_generation_config(run_settings(adapter)), embedding_rows(plan)
+    loaders = {"base": lambda: base_before(plan, base, max(rows, len(tokenizer))),
                "adapter": lambda: adapter_on_4bit(plan, adapter, base, rows),
                "merged": lambda: AutoModelForCausalLM.from_pretrained(merged, device_map=_device_map()).eval()}
     texts = {}
-    for key, load in loaders.items():
-        model = load(); texts[key] = continuations(model, tokenizer, prompts, max_new_tokens); del model
-    return [{"prompt": p, **{k: texts[k][i] for k in SIDES}} for i, p in enumerate(prompts)]
+    for key in SIDES if merged is not None else ("base", "adapter"):
+        model = loaders[key](); texts[key] = continuations(model, tokenizer, prompts, config, seed); del model
+    return [{"prompt": p, **{k: v[i] for k, v in texts.items()}} for i, p in enumerate(prompts)]
 
 def side_by_side_html(rows: list) -> str:
     "`side_by_side`'s rows as an HTML table, for `ipywidgets.HTML` or `IPython.display.HTML`."
     import html
     cell = lambda tag, text: f"<{tag} style='text-align:left;vertical-align:top'>{html.escape(text)}</{tag}>"
-    head = "".join(cell("th", h) for h in ("prompt", *SIDES.values()))
-    body = "".join("<tr>" + "".join(cell("td", r[k]) for k in ("prompt", *SIDES)) + "</tr>" for r in rows)
+    keys = ["prompt", *(k for k in SIDES if rows and k in rows[0])]
+    head = "".join(cell("th", SIDES.get(k, k)) for k in keys)
+    body = "".join("<tr>" + "".join(cell("td", r[k]) for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+# %% ../nbs/09c_merge.ipynb #afccd5c8
+PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?"]
+
+def before_after(base, adapter, merged=None, prompts=None, seed: int = 0, **generation) -> list:
+    "`side_by_side` rows for the adapter of a run (`base`: None for the adapter's own), the run's generation flags."
+    adapter = find_adapter(adapter)
+    base = resolve_base(base or read_adapter_config(adapter).get("base_model_name_or_path"))
+    config = run_generation_config(run_settings(adapter), **generation)
+    return side_by_side(make_plan(adapter, base)[0], adapter, base, merged and Path(merged), prompts or PROMPTS,
+                        config, seed)
+
+def before_after_widget(base, adapter, merged=None, prompts=None, seed: int = 0, **generation):
+    "A text area of prompts (one a line), a button, and the three models' continuations side by side."
+    import html, ipywidgets as w
+    one_line = lambda p: p.replace("\n", "\\n")  # a line break inside a prompt is written \n
+    area = w.Textarea(value="\n".join(map(one_line, prompts or PROMPTS)), rows=4, layout=w.Layout(width="100%"))
+    button, table = w.Button(description="Generate", button_style="primary"), w.HTML()
+    def generate(_=None) -> list:
+        lines = [line.strip().replace("\\n", "\n") for line in area.value.splitlines() if line.strip()]
+        try: rows = before_after(base, adapter, merged, lines, seed, **generation) if lines else []
+        except ConfigError as e: table.value = f"<b>error:</b> {html.escape(str(e))}"; return []
+        table.value = side_by_side_html(rows) if rows else "<i>no prompts: write one a line</i>"
+        return rows
+    button.on_click(generate)
+    box = w.VBox([area, button, table])
+    box.generate = generate  # the function behind the button
+    return box
 
 # %% ../nbs/09c_merge.ipynb #269073ff
 MERGE_USAGE = """usage: qlora-nb merge --adapter DIR --output_dir DIR [--base PATH_OR_ID] [--into dequantized|original]
@@ -544,7 +667,8 @@ generation config) that `AutoModelForCausalLM.from_pretrained` loads without pef
   --into dequantized  (default) into the base as the run quantized and dequantized it: what the adapter was trained
                       against; `original`: into the unquantized weights
   --dtype D           the merged weights' dtype; default: the base's
-  --eval_data FILE    the report's examples (a data file in the run's format); default: a few fixed texts
+  --eval_data FILE    the report's examples (pairs or conversations, in the run's format); default: the run's
+                      eval split (its training data if it held none out), else a few fixed texts
   --max_examples N    examples in the report (default 8)
   --no_report         skip the report (it loads the 4-bit model, the merged model and the base, one at a time)"""
 

@@ -198,3 +198,95 @@ def test_an_interrupted_merge_leaves_no_folder_and_overwrite_replaces(runs, tmp_
     assert "was stopped before it finished" in err
     assert not (out/"old").exists() and (out/"config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    "(data file, run, merged folder, merge's stdout): a ChatML run on conversations, an eval split held out, merged."
+    from qlora_nb.tiny import make_conversation_records
+    tmp = tmp_path_factory.mktemp("chat")
+    data = tmp/"chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_conversation_records(40, seed=1)))
+    flags = tiny_flags(data, tmp/"run", "--chat_template", "chatml", "--do_eval", max_steps=6, save_steps=6,
+                       learning_rate=3e-2)
+    status, _, err = run_qlora_nb("train", *flags)
+    assert status == 0, err[-3000:]
+    status, out, err = run_qlora_nb("merge", "--adapter", tmp/"run", "--output_dir", tmp/"merged", "--dtype", "fp32",
+                                    "--max_examples", "3")
+    assert status == 0, err[-3000:]
+    return data, tmp/"run", tmp/"merged", out
+
+
+def chat_reply(merged, text: str, max_new_tokens: int) -> str:
+    "The merged model's greedy reply to one user turn, computed here with plain transformers, up to the end of turn."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(merged), AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  return_tensors="pt")["input_ids"]
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stop)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_the_report_scores_the_runs_eval_split_of_conversations(chat_run):
+    data, run, merged, out = chat_run
+    report = json.loads((merged/"merge_report.json").read_text())
+    assert (report["source"], report["examples"]) == (f"the run's eval split of {data}", 3), report
+    assert report["models"]["b"]["max_logit_diff"] <= report["tolerance"], report
+    assert f"3 examples, the run's eval split of {data}" in out
+    assert "<|im_start|>" in (merged/"chat_template.jinja").read_text()
+
+
+def test_eval_data_of_conversations_and_a_data_set_that_is_gone(chat_run, runs, tmp_path):
+    data, run, _, _ = chat_run
+    status, out, err = run_qlora_nb("merge", "--adapter", run, "--output_dir", tmp_path/"m", "--eval_data", data,
+                                    "--max_examples", "2")
+    assert status == 0, err[-3000:]
+    report = json.loads((tmp_path/"m"/"merge_report.json").read_text())
+    assert (report["source"], report["examples"]) == (f"--eval_data {data}", 2), report
+    moved = tmp_path/"moved"  # the run, with a recorded data set that is no longer anywhere
+    shutil.copytree(run, moved)
+    record = json.loads((moved/"metrics.json").read_text())
+    record["config"]["data"]["dataset"] = "gone/chats.jsonl"
+    (moved/"metrics.json").write_text(json.dumps(record))
+    status, _, err = run_qlora_nb("merge", "--adapter", moved, "--output_dir", tmp_path/"m2", "--max_examples", "2")
+    assert status == 0, err[-3000:]
+    assert "the run's data set gone/chats.jsonl is not found" in err and "pass --eval_data FILE" in err, err[-3000:]
+    assert json.loads((tmp_path/"m2"/"merge_report.json").read_text())["source"] == "fixed texts"
+    pairs_run, _ = runs["pad"]  # its tokenizer has no chat template to score conversations with
+    status, _, err = run_qlora_nb("merge", "--adapter", pairs_run, "--output_dir", tmp_path/"m3", "--eval_data", data)
+    assert status == 2 and "the conversations need the run's chat template" in err, err[-3000:]
+    assert not (tmp_path/"m3").exists()
+
+
+def test_chat_takes_a_merged_folder_as_a_plain_model(chat_run):
+    _, _, merged, _ = chat_run
+    r = subprocess.run([sys.executable, "-m", "qlora_nb", "chat", "--model_name_or_path", str(merged), "--bits", "32",
+                        "--max_new_tokens", "6"], input="hi\n", capture_output=True, text=True, cwd=ROOT, env=ENV,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    banner = next(line for line in r.stderr.splitlines() if line.startswith("qlora-nb chat: "))
+    assert str(merged) in banner and "<|im_end|>" in banner and "adapter" not in banner, banner
+    assert r.stdout.startswith("model: ") and r.stdout.count("model: ") == 1, r.stdout
+    assert r.stdout.removeprefix("model: ").strip() == chat_reply(merged, "hi", 6).strip(), r.stdout
+
+
+def test_mmlu_takes_a_merged_folder_as_a_plain_model(runs, tmp_path):
+    from qlora_nb.tiny import write_mmlu_files
+    run, base = runs["pad"]
+    status, _, err = run_qlora_nb("merge", "--adapter", run, "--output_dir", tmp_path/"merged", "--dtype", "fp32",
+                                  "--no_report")
+    assert status == 0, err[-3000:]
+    mmlu = write_mmlu_files(tmp_path/"mmlu", n_per_subject=4)
+    common = ["--mmlu_path", str(mmlu), "--max_mmlu_samples", "12"]
+    status, _, err = run_qlora_nb("mmlu", "--model_name_or_path", tmp_path/"merged", "--bits", "32",
+                                  "--output_dir", tmp_path/"plain", *common)
+    assert status == 0, err[-3000:]
+    status, _, err = run_qlora_nb("mmlu", "--model_name_or_path", base, "--adapter", run,
+                                  "--output_dir", tmp_path/"peft", *common)  # the 4-bit base with its adapter
+    assert status == 0, err[-3000:]
+    merged, trained = (json.loads((tmp_path/d/"mmlu_eval.json").read_text()) for d in ("plain", "peft"))
+    assert merged["predictions"] == trained["predictions"] and merged["accuracy"] == trained["accuracy"]
+    assert len(merged["predictions"]) == 12
