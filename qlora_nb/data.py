@@ -157,7 +157,8 @@ def conversation_row(tokenizer, # a tokenizer with its chat template set (`templ
 def tokenize_conversations(batch: dict, indices: list, tokenizer, max_len: int, train_on_source: bool = False,
                            with_prompt: bool = False, where: str = "data set", length_column: str = "length") -> dict:
     "A batched `map` function: the rows (`conversation_row`) of the conversations that fit; the others are left out."
-    columns = ["record", "conversation", "input_ids", "labels", "length"] + (["prompt_ids", "output"] if with_prompt else [])
+    columns = ["record", "conversation", "input_ids", "labels", "length"]
+    if with_prompt: columns += ["prompt_ids", "output"]
     out = {c: [] for c in columns}
     for text, record in zip(batch["conversation"], batch["record"] if "record" in batch else indices):
         try: row = conversation_row(tokenizer, json.loads(text), max_len, train_on_source, with_prompt)
@@ -173,20 +174,23 @@ def tokenize_conversation_dataset(dataset: Dataset, tokenizer, max_len: int, tra
     "Rows of token ids and labels for `dataset`'s conversations; says how many did not fit and were left out."
     require(tokenizer.chat_template is not None, "The tokenizer has no chat template to render the conversations "
             "with: set one (qlora_nb.templates.use_chat_template, or --chat_template on the command line).")
+    settings = dict(tokenizer=tokenizer, max_len=max_len, train_on_source=train_on_source, with_prompt=with_prompt,
+                    where=where, length_column=length_column)
     out = dataset.map(tokenize_conversations, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                      desc="Tokenizing conversations", fn_kwargs=dict(tokenizer=tokenizer, max_len=max_len,
-                      train_on_source=train_on_source, with_prompt=with_prompt, where=where, length_column=length_column))
+                      desc="Tokenizing conversations", fn_kwargs=settings)
     if dropped := len(dataset) - len(out):
         say(f"{where}: left out {dropped} of {len(dataset)} conversations: longer than {max_len} tokens "
             "(--source_max_len + --target_max_len) even without their earliest exchanges, or with no reply left.")
-    require(len(out) > 0, f"{where}: no conversation fits in {max_len} tokens: raise --source_max_len or --target_max_len.")
+    require(len(out) > 0, f"{where}: no conversation fits in {max_len} tokens: raise --source_max_len or "
+            "--target_max_len.")
     return out
 
 # %% ../nbs/06_data.ipynb #67eaff4d
 @patch
 def conversation_batch(self: DataCollatorForCausalLM, rows: list) -> dict:
     "Tokenized conversations: padded ids and labels for training, or left-padded prompts for `generate`."
-    if not self.predict_with_generate: return self.padded_batch([r["input_ids"] for r in rows], [r["labels"] for r in rows])
+    if not self.predict_with_generate:
+        return self.padded_batch([r["input_ids"] for r in rows], [r["labels"] for r in rows])
     require(all("prompt_ids" in r for r in rows), "Generating for conversations needs rows with 'prompt_ids' "
             "(tokenize_conversation_dataset(..., with_prompt=True)).")
     return self.generation_batch([r["prompt_ids"] for r in rows])
@@ -333,8 +337,8 @@ def tokenized_splits(tokenizer, args, splits: Splits) -> tuple:
     train, evaluation = splits.train if args.do_train else None, splits.eval
     if not is_conversation(train if train is not None else evaluation):
         tokenize = lambda d, _: tokenize_dataset(d, tokenizer, args.source_max_len, args.target_max_len, length_column)
-    else: tokenize = lambda d, prompts: tokenize_conversation_dataset(d, tokenizer, args.source_max_len + args.target_max_len,
-                                                                      args.train_on_source, prompts, args.dataset, length_column)
+    else: tokenize = lambda d, prompts: tokenize_conversation_dataset(
+        d, tokenizer, args.source_max_len + args.target_max_len, args.train_on_source, prompts, args.dataset, length_column)
     return (None if train is None else tokenize(train, False),
             None if evaluation is None else tokenize(evaluation, args.do_predict))
 
@@ -358,7 +362,8 @@ def uses_chat_template(args, splits: Splits) -> bool:
 def run_chat_template(tokenizer, args, splits: Splits) -> tuple | None:
     "(what, Jinja text) of the run's chat template, or None when the run uses none."
     if not uses_chat_template(args, splits): return None
-    return read_chat_template(args.chat_template, tokenizer, default=splits.chat_template if splits.conversational else None)
+    default = splits.chat_template if splits.conversational else None  # the format's own template (oasst1: guanaco)
+    return read_chat_template(args.chat_template, tokenizer, default=default)
 
 def first_with_tools(dataset) -> tuple | None:
     "(record number, messages) of the first conversation with a tool call or a tool reply, or None."
@@ -380,9 +385,10 @@ def check_run_chat_template(args, splits: Splits):
         except ConfigError as e: raise ConfigError(f"{args.dataset}, {locate(args.dataset, found[0])}: {e}") from None
 
 def set_run_chat_template(tokenizer, model, args, splits: Splits) -> str | None:
-    "Put the run's chat template on `tokenizer` (and its tokens into `model`); returns what it is, None if none is used."
+    "Put the run's chat template on `tokenizer` (and its tokens into `model`); returns what it is (None: no template)."
     if (found := run_chat_template(tokenizer, args, splits)) is None: return None
     use_chat_template(tokenizer, model, found[1])
-    say(f"using {found[0]}" + ("" if splits.conversational else "; the data are (prompt, answer) pairs, which it does not "
-                               "format: it is saved with the tokenizer, for `qlora-nb chat` and MMLU"))
+    pairs = "; the data are (prompt, answer) pairs, which it does not format: it is saved with the tokenizer, for " \
+            "`qlora-nb chat` and MMLU"
+    say(f"using {found[0]}" + ("" if splits.conversational else pairs))
     return found[0]

@@ -43,7 +43,8 @@ def mean_init_rows(model, start: int, stop: int):
     if stop > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(stop, mean_resizing=False)  # the rows are set exactly below
     with torch.no_grad():
-        for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+        weights = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        for weight in {id(w): w for w in weights}.values():  # once, if tied
             weight[start:stop] = weight[:start].mean(dim=0, keepdim=True)
 
 def smart_tokenizer_and_embedding_resize(special_tokens_dict: dict, # e.g. `dict(pad_token="[PAD]")`
@@ -107,8 +108,8 @@ def find_adapter(path) -> Path:
     "The folder holding `adapter_config.json`: `path` itself or its `adapter_model/` subfolder."
     for p in (Path(path), Path(path)/"adapter_model"):
         if (p/"adapter_config.json").is_file(): return p
-    raise ConfigError(f"--adapter {path}: no adapter_config.json there (nor in {Path(path)/'adapter_model'}). "
-                      "Give the folder a LoRA adapter was saved to (a run's output_dir or one of its checkpoint folders).")
+    raise ConfigError(f"--adapter {path}: no adapter_config.json there (nor in {Path(path)/'adapter_model'}). Give "
+                      "the folder a LoRA adapter was saved to (a run's output_dir or one of its checkpoint folders).")
 
 def run_tokenizer_folder(adapter) -> Path | None:
     "The folder of the tokenizer a run saved with `adapter`: the adapter's own, or the run (checkpoint) above it."
