@@ -35,10 +35,12 @@ def test_ctrl_c_exits_130():
         while not any(line.startswith("qlora-nb chat:") for line in seen):  # loaded: now waiting for a line
             assert time.time() < end and proc.poll() is None, "".join(seen)[-3000:]
             seen.append(proc.stderr.readline())
-        time.sleep(0.5)
+        time.sleep(2)  # let it reach its read of stdin, on a loaded machine too
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)  # stdin stays open: the input does not end, only Ctrl-C stops the chat
-        out, err = proc.communicate()
+        try: out, err = proc.communicate(timeout=180)  # stdin stays open: the input does not end, only Ctrl-C does
+        except subprocess.TimeoutExpired:
+            proc.kill(); out, err = proc.communicate()
+            raise AssertionError(f"Ctrl-C did not end the chat in 180 s:\n{''.join(seen)[-2000:]}\n{err[-2000:]}")
     finally:
         if proc.poll() is None: proc.kill(); proc.communicate()
     assert proc.returncode == 130, err
