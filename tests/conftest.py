@@ -29,11 +29,16 @@ def tiny_flags(data, out, *more, **overrides) -> list:
     return short_run_flags(data, out, *more, **{**TINY_RUN, **overrides})
 
 
-def start_qlora_nb(*args, prelude: str = "", env: dict | None = None) -> subprocess.Popen:
+# Ctrl-C. A shell in the background (CI) may start the tests with SIGINT ignored, which a child inherits and Python then
+# keeps; a terminal's Ctrl-C raises KeyboardInterrupt, so a child that is sent SIGINT gets Python's own handler back first.
+CTRL_C_REACHES = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+
+
+def start_qlora_nb(*args, prelude: str = "", env: dict | None = None, stdin=None) -> subprocess.Popen:
     "`python -m qlora_nb ARGS` as a child process; `prelude` is Python run first in that process (to patch it)."
     code = prelude + "\nimport sys, runpy; sys.argv = ['qlora_nb'] + sys.argv[1:]; runpy.run_module('qlora_nb', run_name='__main__')"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def run_qlora_nb(*args, timeout: float = 300, prelude: str = "", env: dict | None = None) -> tuple:

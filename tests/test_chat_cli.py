@@ -3,7 +3,7 @@ are one `qlora-nb: error: ...` line with status 2, never a traceback."""
 import signal, subprocess, sys, time
 
 import pytest
-from conftest import ENV, ROOT, run_qlora_nb
+from conftest import CTRL_C_REACHES, ENV, ROOT, run_qlora_nb, start_qlora_nb
 from qlora_nb.tiny import tiny_model_path
 
 FAST = ["--max_new_tokens", "8"]  # the tiny model, a few tokens a reply: seconds, most of them imports
@@ -28,8 +28,8 @@ def test_piped_lines_get_one_reply_each():
 
 
 def test_ctrl_c_exits_130():
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_nb", *chat_flags("--chat_template", "chatml")], cwd=ROOT,
-                            env=ENV, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT given back to the child (conftest.CTRL_C_REACHES): a CI shell in the background starts it ignored
+    proc = start_qlora_nb(*chat_flags("--chat_template", "chatml"), prelude=CTRL_C_REACHES, stdin=subprocess.PIPE)
     try:
         seen, end = [], time.time() + 240
         while not any(line.startswith("qlora-nb chat:") for line in seen):  # loaded: now waiting for a line

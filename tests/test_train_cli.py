@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
+from conftest import CTRL_C_REACHES, listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
 from qlora_nb.tiny import tiny_model_path
 
 flags = tiny_flags
@@ -187,11 +187,6 @@ def test_mmlu_output_dir_checked_before_evaluation(tmp_path, capsys, where):
                   "--output_dir", str(out))
     assert rc == 2 and err.startswith(f"qlora-nb: error: output_dir {out}") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and (tmp_path/"taken").read_text() == "mine"
-
-
-# Ctrl-C. A shell in the background (CI) may start the tests with SIGINT ignored, which a child inherits and Python then
-# keeps; a terminal's Ctrl-C raises KeyboardInterrupt, so the child is given Python's own handler back first.
-CTRL_C_REACHES = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
 
 
 def test_ctrl_c_stops_with_a_note_that_rerunning_resumes(data, tmp_path):
