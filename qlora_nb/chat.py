@@ -82,11 +82,9 @@ class ReplyStreamer(TextStreamer):
         out.write(text); out.flush()
 
 # %% ../nbs/09b_chat.ipynb #4509f98a
-def chat_generation_config(tokenizer, model, generation_config):
-    "The flags' `GenerationConfig` with the pad id and the stop ids (the template's end of turn, the EOS)."
-    config = generation_config_for(tokenizer, generation_config)
-    config.eos_token_id = model.generation_config.eos_token_id or config.eos_token_id
-    return config
+def chat_generation_config(tokenizer, generation_config):
+    "The flags' `GenerationConfig` with the pad id and the stop ids (the template's end of turn, the EOS), as predict's."
+    return generation_config_for(tokenizer, generation_config, conversations=True)
 
 @torch.no_grad()
 def generate_reply(model, ids: list, generation_config, streamer=None) -> list:
@@ -176,7 +174,7 @@ def start_chat(args) -> Chat:
     "A `Chat` with the model, tokenizer and template of `args`, announced on stderr."
     with contextlib.redirect_stdout(sys.stderr):  # the loading notices: stdout is for the replies
         model, tokenizer, description = load_chat_model(args)
-    config = chat_generation_config(tokenizer, model, args.training_args.generation_config)
+    config = chat_generation_config(tokenizer, args.training_args.generation_config)
     context = context_length(model, tokenizer)
     require(config.max_new_tokens < context, f"--max_new_tokens {config.max_new_tokens} leaves no room for a prompt in "
             f"the model's context of {context} tokens; choose fewer.")
