@@ -1,4 +1,4 @@
-"""The `qlora-nb` command line: `train` (qlora.py's flags), `demo` (the offline end-to-end run) and `mmlu` (standalone evaluation).
+"""The `qlora-nb` command line: `train` (every setting a flag), `demo` (the offline end-to-end run) and `mmlu` (standalone evaluation).
 
 Docs: https://github.com/qlora-nb/qlora_nb/cli.html.md"""
 

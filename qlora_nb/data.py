@@ -6,12 +6,13 @@ Docs: https://github.com/qlora-nb/qlora_nb/data.html.md"""
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'EVAL_SPLITS', 'encode_sources', 'encode_targets', 'tokenize_examples', 'tokenize_dataset',
-           'example_labels', 'pad_to_longest', 'DataCollatorForCausalLM', 'cut_source', 'conversation_row',
-           'tokenize_conversations', 'tokenize_conversation_dataset', 'pack_lengths', 'example_rows', 'pack_examples',
-           'pack_dataset', 'segment_ids', 'block_diagonal_mask', 'packed_attention_isolates', 'split_train_eval',
-           'take_first', 'check_answers', 'check_replies', 'Splits', 'is_conversation', 'numbered', 'formatted_splits',
-           'tokenized_splits', 'make_data_module', 'uses_chat_template', 'run_chat_template', 'first_with_tools',
-           'check_run_chat_template', 'set_run_chat_template']
+           'example_labels', 'pad_to_longest', 'DataCollatorForCausalLM', 'cut_source', 'show_labels',
+           'conversation_row', 'tokenize_conversations', 'tokenize_conversation_dataset', 'pack_lengths',
+           'example_rows', 'pack_examples', 'pack_dataset', 'segment_ids', 'block_diagonal_mask',
+           'packed_attention_isolates', 'split_train_eval', 'take_first', 'check_answers', 'check_replies', 'Splits',
+           'is_conversation', 'numbered', 'formatted_splits', 'tokenized_splits', 'make_data_module',
+           'uses_chat_template', 'run_chat_template', 'first_with_tools', 'check_run_chat_template',
+           'set_run_chat_template']
 
 # %% ../nbs/06_data.ipynb #ba5bef0b
 import bisect, json
@@ -26,8 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from .checks import say
 from .config import ConfigError, require
 from .formatters import format_dataset, load_data, locate, resolve_format
-from .templates import (check_conversation, conversation_prompt, fit_conversation, prompt_ids,
-                                read_chat_template, tokenize_conversation, use_chat_template)
+from .templates import (check_conversation, conversation_prompt, fit_conversation, labelled_pieces,
+                                pieces_html, prompt_ids, read_chat_template, tokenize_conversation,
+                                use_chat_template)
 
 # %% ../nbs/06_data.ipynb #377aeb11
 def encode_sources(tokenizer, texts: list, max_len: int) -> list:
@@ -137,6 +139,14 @@ def __call__(self: DataCollatorForCausalLM, instances: list) -> dict:
     if "labels" in instances[0]: return self.conversation_batch(instances)
     pairs = self.example_ids(instances)
     return self.generation_batch([s for s, _ in pairs]) if self.predict_with_generate else self.training_batch(pairs)
+
+# %% ../nbs/06_data.ipynb #0cedda7c
+def show_labels(tokenizer,
+                input_ids, # the ids of one row: a list or a 1-D tensor
+                labels) -> str: # its labels, IGNORE_INDEX where nothing is trained
+    "One row as HTML, each token boxed: green where it has a label (trained), grey where it is `IGNORE_INDEX`."
+    row = dict(input_ids=torch.as_tensor(input_ids).tolist(), labels=torch.as_tensor(labels).tolist())
+    return pieces_html(labelled_pieces(tokenizer, row))
 
 # %% ../nbs/06_data.ipynb #db256f89
 def conversation_row(tokenizer, # a tokenizer with its chat template set (`templates.use_chat_template`)

@@ -1,4 +1,4 @@
-"""Data set formats as a registry of small functions, from `qlora.py`'s `{input, output}` pairs to chat conversations; loading named hub data sets and local files.
+"""Data set formats as a registry of small functions, from `{input, output}` pairs to chat conversations; loading named hub data sets and local files.
 
 Docs: https://github.com/qlora-nb/qlora_nb/formatters.html.md"""
 

@@ -1,4 +1,4 @@
-"""LoRA adapters on a quantized model: counting parameters right, finding the layers to adapt, attaching or reloading adapters, peft's variants (DoRA, rsLoRA, OLoRA, LoftQ, which layers), the dtype fixes of `qlora.py`, and the test that every adapter gets a gradient.
+"""LoRA adapters on a quantized model: which layers to adapt, attaching or reloading adapters, peft's variants (DoRA, rsLoRA, OLoRA, LoftQ), parameters and bytes counted right, the dtypes, and the test that every adapter gets a gradient.
 
 Docs: https://github.com/qlora-nb/qlora_nb/lora.html.md"""
 

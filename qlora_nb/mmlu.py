@@ -1,4 +1,4 @@
-"""MMLU evaluation: qlora.py's zero- and five-shot files, four logits at the last prompt position, micro and macro accuracy per subject and a Trainer callback.
+"""MMLU evaluation: the zero- and five-shot prompts, four logits at the last prompt position, micro and macro accuracy per subject, and a Trainer callback.
 
 Docs: https://github.com/qlora-nb/qlora_nb/mmlu.html.md"""
 

@@ -8,6 +8,12 @@ from nbconvert import MarkdownExporter
 
 ROOT = Path(__file__).resolve().parent.parent
 _directive = re.compile(r"^\s*#\s*\|.*$\n?", re.MULTILINE)
+# a relative image link (`![..](images/x.svg)`, `<img src="images/x.svg">`) points into nbs/; README.md is one level up
+_image = re.compile(r"""(!\[[^\]]*\]\(|<img\b[^>]*\bsrc=["'])(?![a-z][a-z0-9+.-]*:|/|#)""", re.IGNORECASE)
+
+def from_root(markdown: str) -> str:
+    "`markdown` of a notebook in nbs/ with its relative image links made relative to the repository root."
+    return _image.sub(lambda m: m.group(1) + "nbs/", markdown)
 
 def render(nb_path=ROOT/"nbs"/"index.ipynb"):
     "README text: markdown cells and code cells of the index notebook, without nbdev directives or hidden cells."
@@ -17,6 +23,7 @@ def render(nb_path=ROOT/"nbs"/"index.ipynb"):
         if cell.cell_type == "code" and re.search(r"^\s*#\s*\|\s*hide\b", cell.source, re.MULTILINE): continue
         cell.source = _directive.sub("", cell.source).strip("\n")
         if cell.cell_type == "code": cell.outputs = []
+        else: cell.source = from_root(cell.source)
         keep.append(cell)
     nb.cells = keep
     body, _ = MarkdownExporter().from_notebook_node(nb)
