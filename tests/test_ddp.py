@@ -1,7 +1,9 @@
 """Data-parallel training on CPUs (issue 7): `torchrun --nproc_per_node 2 -m qlora_nb train` with the gloo backend.
 
-Two processes with 2 examples each make the same global batch as one process with 4, so the loss curve and the
-final adapter must agree with a single-process run up to floating-point summation order. Only rank 0 writes (a
+Two processes with 1 example each and 2 micro-batches per step (gradient accumulation: DDP's `no_sync` for the first)
+make the same global batch as one process with 4, so the loss curve and the final adapter must agree with a
+single-process run up to floating-point summation order. The loss is the label-only one (issue 16): computed inside
+DDP's forward, it must also agree with the every-position logits of transformers' path under DDP. Only rank 0 writes (a
 log of every file each process creates, renames or removes under output_dir says so), and a checkpoint is published
 before any process goes on: the two-process run forces the worst interleaving (rank 0 is slow to rename the staged
 checkpoint) and rank 1 records whether it finds `checkpoint-N` in place when its own save returns."""
@@ -15,10 +17,10 @@ from qlora_nb.tiny import make_alpaca_records, tiny_model_path
 STEPS = 6
 TOL = 1e-4  # adapters after 6 AdamW steps; the two runs differ only in how gradients are summed
 
-def flags(data, out, per_device, *more):
+def flags(data, out, per_device, *more, accum=1):
     return ["train", "--model_name_or_path", str(tiny_model_path()), "--dataset", str(data), "--dataset_format", "alpaca",
             "--output_dir", str(out), "--max_steps", str(STEPS), "--per_device_train_batch_size", str(per_device),
-            "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+            "--gradient_accumulation_steps", str(accum), "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
             "--warmup_steps", "0", "--train_sampling_strategy", "sequential", "--optim", "adamw_torch", "--lora_r", "8",
             "--activation_checkpointing", "False", "--save_steps", "3", "--logging_steps", "1", "--seed", "0",
             "--source_max_len", "64", "--target_max_len", "32", "--report_to", "none", *more]
@@ -69,6 +71,19 @@ SLOW_PUBLISH = textwrap.dedent("""
     qlora_nb.train.QLoRATrainer._save_checkpoint = save_checkpoint
 """)
 
+# Runs first in every process: the label-only loss notes, at each call, the class of the model it is given (the DDP
+# wrapper under torchrun), in a file beside output_dir. `compute_loss` looks the function up in qlora_nb.train.
+LABEL_ONLY_LOG = textwrap.dedent("""
+    import os, qlora_nb.train
+    _label_only = qlora_nb.train.label_only_lm_head_loss
+    def label_only_lm_head_loss(model, *args, **kwargs):
+        with open(f"{os.environ['WATCH_DIR']}.label_only.{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(f"{type(model).__name__}\\n")
+        return _label_only(model, *args, **kwargs)
+    qlora_nb.train.label_only_lm_head_loss = label_only_lm_head_loss
+""")
+FULL_LOGITS = LABEL_ONLY_LOG + "qlora_nb.train.QLoRATrainer.label_only_loss = False\n"
+
 def run(tmp, args, prelude="", torchrun=False, expect=0):
     "Run `qlora-nb ARGS` (under torchrun with 2 processes) with `prelude` first in each process."
     script = tmp/f"run_{len(list(tmp.glob('run_*.py')))}.py"
@@ -85,12 +100,24 @@ def run(tmp, args, prelude="", torchrun=False, expect=0):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data = tmp/"alpaca.json"; data.write_text(json.dumps(make_alpaca_records(64, seed=3)))
-    run(tmp, flags(data, tmp/"one", 4, "--use_cpu"))
-    run(tmp, flags(data, tmp/"two", 2, "--use_cpu"), WRITE_LOG + SLOW_PUBLISH, torchrun=True)
+    run(tmp, flags(data, tmp/"one", 4, "--use_cpu"), LABEL_ONLY_LOG)
+    two = flags(data, tmp/"two", 1, "--use_cpu", accum=2)  # DDP's no_sync for the first micro-batch of each step
+    run(tmp, two, WRITE_LOG + SLOW_PUBLISH + LABEL_ONLY_LOG, torchrun=True)
     return tmp/"one", tmp/"two"
+
+@pytest.fixture(scope="module")
+def full_logits(runs):
+    "The two-process run again, with transformers' every-position logits."
+    two = runs[1]; full = two.parent/"two-full"
+    run(two.parent, flags(two.parent/"alpaca.json", full, 1, "--use_cpu", accum=2), FULL_LOGITS, torchrun=True)
+    return full
 
 def losses(out):
     return [h["loss"] for h in json.loads((out/"trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+def label_only_calls(out, rank=0) -> list:
+    path = out.parent/f"{out.name}.label_only.{rank}"
+    return path.read_text().splitlines() if path.exists() else []
 
 def logged(two, rank, suffix=""): return (two.parent/f"writes.{rank}{suffix}").read_text().splitlines()
 
@@ -105,6 +132,20 @@ def test_two_processes_end_with_the_same_adapter(runs):
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < TOL, worst
     assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)  # it trained
+
+def test_the_label_only_loss_goes_through_ddp(runs, full_logits):
+    one, two = runs
+    assert label_only_calls(one) == ["PeftModelForCausalLM"] * STEPS  # one process: the peft model itself
+    for rank in (0, 1): assert label_only_calls(two, rank) == ["DistributedDataParallel"] * 2 * STEPS, rank
+    assert label_only_calls(full_logits) == label_only_calls(full_logits, 1) == []  # switched off: transformers' path
+
+def test_under_ddp_the_label_only_loss_equals_transformers(runs, full_logits):
+    two = runs[1]
+    assert len(losses(two)) == STEPS and losses(two) == pytest.approx(losses(full_logits), rel=1e-5)
+    a, b = (load_file(out/"adapter_model"/"adapter_model.safetensors") for out in (two, full_logits))
+    assert a.keys() == b.keys() and len(a) == 28
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < TOL, worst
 
 def test_only_rank_zero_writes(runs):
     _, two = runs
