@@ -1,9 +1,11 @@
 """peft's LoRA variants through `python -m qlora_nb train`: each trains a few steps on the 4-bit tiny model, records
 its settings in metrics.json and adapter_config.json, and saves an adapter that `PeftModel.from_pretrained` puts back
 on the base model with the logits the trained model had in the training process (written there by a patch, before
-anything was saved). DoRA and rsLoRA also resume exactly: checkpoint-2 + resume == 4 steps straight. OLoRA, PiSSA and
-LoftQ stop with a message before anything loads, and a resumed run keeps its checkpoint's variant."""
-import json, shutil
+anything was saved). DoRA and rsLoRA also resume exactly: checkpoint-2 + resume == 4 steps straight. PiSSA, OLoRA and
+QPiSSA train on a residual base and save an adapter converted for the original base (rank 2r): it computes the trained
+model on that base, resumes exactly and merges. DoRA trains under torchrun. What cannot work stops with a message before
+anything loads, and a resumed run keeps its checkpoint's variant."""
+import json, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,13 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import run_qlora_nb, tiny_flags
+from conftest import ENV, ROOT, run_qlora_nb, tiny_flags
 from qlora_nb.config import parse_args
 from qlora_nb.lora import count_parameters
-from qlora_nb.model import load_base_and_tokenizer
+from qlora_nb.quant import load_base_model
+from qlora_nb.model import INITIAL_ADAPTER, LORA_INIT, RESIDUAL_MODEL, load_base_and_tokenizer
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig
 
 IDS = [[1, 20, 30, 40, 50, 60, 70, 80]]
 # Runs in the training process: the trained model's logits on IDS, in memory, before the adapter is saved
@@ -92,8 +97,8 @@ def test_variant_resumes_exactly(variant, data, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--init_lora_weights", "olora"], "qlora-nb does not yet convert it back when saving"),
-    (["--init_lora_weights", "pissa"], "peft computes PiSSA from full-precision weights"),
+    (["--init_lora_weights", "olora", "--use_dora"], "which no LoRA adapter on W reproduces"),
+    (["--init_lora_weights", "pissa", "--do_train", "false"], "peft computes PiSSA from full-precision weights"),
     (["--lora_layers", "0,5"], "has 2 blocks, numbered 0 to 1"),
     (["--lora_target_modules", "q_proj,qkv"], "--lora_target_modules qkv: LlamaForCausalLM has no linear layer"),
 ])
@@ -108,3 +113,95 @@ def test_loftq_needs_a_gpu(data, tmp_path):
     rc, _, err = run_qlora_nb("train", *tiny_flags(data, tmp_path/"run", "--init_lora_weights", "loftq"))
     assert rc == 2 and "--init_lora_weights loftq needs a CUDA GPU" in err, err[-3000:]
     assert not (tmp_path/"run").exists()
+
+
+# PiSSA, OLoRA and QPiSSA: a residual base. name: (flags, where the trained model's logits must be reproduced)
+RESIDUAL = {"pissa": ["--init_lora_weights", "pissa", "--bits", "32"],
+            "olora": ["--init_lora_weights", "olora", "--bits", "16"],
+            "qpissa": ["--init_lora_weights", "pissa_niter_2", "--bits", "4"]}  # randomized: resume must not redo it
+
+
+def logits_of(model):
+    with torch.no_grad(): return model.eval()(input_ids=torch.tensor(IDS)).logits
+
+
+def full_base(data, out, model=None):
+    "The unquantized base (the original, or the folder `model`: a stored residual)."
+    args = parse_args(tiny_flags(data, out, "--bits", "32"), quiet=True)
+    if model: args.model_name_or_path = str(model)
+    return load_base_model(args)
+
+
+@pytest.fixture(scope="module")
+def residual_runs(data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("residual")
+    for name, flags in RESIDUAL.items(): train(data, tmp/name, *flags, logits=tmp/f"{name}.pt")
+    return tmp
+
+
+@pytest.mark.parametrize("name", RESIDUAL)
+def test_residual_variant_saves_an_adapter_for_the_original_base(name, residual_runs, data):
+    out, trained = residual_runs/name, torch.load(residual_runs/f"{name}.pt")
+    config = json.loads((out/"adapter_model"/"adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)  # rank 2r, same scale
+    record = json.loads((out/"metrics.json").read_text())
+    assert record["config"]["training"]["init_lora_weights"] == RESIDUAL[name][1]
+    assert record["lora_init"]["saved_rank"] == 8 and (record["lora_init"]["residual_bytes"] > 0) == (name == "qpissa")
+    converted = logits_of(PeftModel.from_pretrained(full_base(data, out), out/"adapter_model"))
+    if name != "qpissa":
+        assert (converted - trained).abs().max().item() <= 1e-5
+        return
+    # QPiSSA trained on the 4-bit residual. On the unquantized original the converted adapter computes exactly the raw
+    # adapter on the unquantized residual; from the trained model it differs by the residual's 4-bit error, of the size
+    # of the base's own 4-bit error (tiny random weights have no dominant singular directions to take out)
+    raw = LoraConfig.from_pretrained(out/"checkpoint-4"/"adapter_model"); raw.init_lora_weights = True
+    residual = full_base(data, out, out/RESIDUAL_MODEL)
+    on_residual = PeftModel.from_pretrained(residual, out/"checkpoint-4"/"adapter_model", config=raw)
+    assert (converted - logits_of(on_residual)).abs().max().item() <= 1e-5
+    four_bit = load_base_and_tokenizer(parse_args(tiny_flags(data, out), quiet=True))[0]
+    error = (logits_of(four_bit) - logits_of(full_base(data, out))).abs().max().item()
+    assert 1e-4 < (converted - trained).abs().max().item() < 2 * error
+
+
+@pytest.mark.parametrize("name", ["olora", "qpissa"])
+def test_residual_variant_resumes_exactly(name, residual_runs, data, tmp_path):
+    straight, resumed = residual_runs/name, tmp_path/"resumed"
+    for kept in ("checkpoint-2", INITIAL_ADAPTER, LORA_INIT) + ((RESIDUAL_MODEL,) if name == "qpissa" else ()):
+        (shutil.copytree if (straight/kept).is_dir() else shutil.copy)(straight/kept, resumed/kept)
+    rc, _, err = run_qlora_nb("train", *tiny_flags(data, resumed, *RESIDUAL[name]))
+    assert rc == 0 and "resuming from" in err and "saved converted for the original base" in err, err[-3000:]
+    a, b = (load_file(p/"adapter_model"/"adapter_model.safetensors") for p in (straight, resumed))
+    assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    c2, c4 = (load_file(straight/f"checkpoint-{n}"/"adapter_model"/"adapter_model.safetensors") for n in (2, 4))
+    assert max((c2[k] - c4[k]).abs().max().item() for k in c2) > 1e-4  # 2 steps are not 4: the comparison can fail
+
+
+@pytest.mark.parametrize("name, into", [("pissa", "dequantized"), ("qpissa", "original")])
+def test_residual_variant_merges(name, into, residual_runs, data, tmp_path):
+    out = residual_runs/name
+    if name == "qpissa":  # into the 4-bit rounding of W, which it never trained against: refused
+        rc, _, err = run_qlora_nb("merge", "--adapter", out, "--output_dir", tmp_path/"q", "--no_report")
+        assert rc == 2 and "Pass --into original" in err, err[-3000:]
+    rc, _, err = run_qlora_nb("merge", "--adapter", out, "--output_dir", tmp_path/"m", "--into", into,
+                              "--dtype", "fp32", "--no_report")
+    assert rc == 0, err[-3000:]
+    merged = logits_of(AutoModelForCausalLM.from_pretrained(tmp_path/"m"))
+    on_base = logits_of(PeftModel.from_pretrained(full_base(data, out), out/"adapter_model"))
+    assert (merged - on_base).abs().max().item() <= 1e-4
+
+
+def test_dora_trains_under_torchrun(data, tmp_path):
+    "Two processes (gloo, --use_cpu) train DoRA to the adapter one process trains with the same global batch."
+    script, one, two = tmp_path/"run.py", tmp_path/"one", tmp_path/"two"
+    script.write_text("import sys, runpy; sys.argv = ['qlora_nb'] + sys.argv[1:]; "
+                      "runpy.run_module('qlora_nb', run_name='__main__')\n")
+    common = ["--use_dora", "--use_cpu", "--train_sampling_strategy", "sequential", "--optim", "adamw_torch"]
+    train(data, one, *common)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521"]
+    flags = tiny_flags(data, two, *common, per_device_train_batch_size=2)
+    r = subprocess.run([*launcher, str(script), "train", *flags],
+                       capture_output=True, text=True, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (load_file(p/"adapter_model"/"adapter_model.safetensors") for p in (one, two))
+    assert sorted(a) == sorted(b) and any("magnitude" in k for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
