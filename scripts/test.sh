@@ -24,5 +24,6 @@ unchanged() {  # fail when the working tree differs from before the command ran
 echo "==> nbdev-clean changes nothing";  unchanged nbdev-clean
 echo "==> nbdev-export changes nothing"; unchanged nbdev-export
 echo "==> README.md agrees with nbs/index.ipynb"; python scripts/make_readme.py --check
+echo "==> the notebooks keep their outputs"; python scripts/run_notebooks.py --check
 echo "==> nbdev-test (every notebook, top to bottom)"; nbdev-test --n-workers "${NBDEV_WORKERS:-2}"
 echo "==> pytest tests/"; python -m pytest tests/ "$@"
