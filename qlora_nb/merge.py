@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from .checks import ConfigError, require, say
 from .config import moves_base_weights
 from .files import json_problem, publish_checkpoint, write_json_atomic
-from .model import find_adapter, run_tokenizer_folder
+from .model import check_original_base_adapter, find_adapter, run_tokenizer_folder
 from .quant import guard_cpu_4bit, load_dtype, make_bnb_config
 from .train import ADAPTER_DIR, RUN_CONFIG, recorded_settings
 
@@ -363,10 +363,7 @@ def make_plan(adapter: Path, base: Path, into: str = "dequantized", dtype: str |
 # %% ../nbs/09c_merge.ipynb #bd518474
 def check_residual_merge(adapter: Path, into: str):
     "Refuse merges a PiSSA/OLoRA adapter does not support: a checkpoint's raw one, and QPiSSA into dequantized weights."
-    init = str(read_adapter_config(adapter).get("init_lora_weights"))
-    require(not moves_base_weights(init), f"--adapter {adapter} is a checkpoint's raw --init_lora_weights {init} "
-            "adapter: it applies to the run's residual base, not to the original weights. Merge the run's final "
-            "adapter (its output_dir), which is saved converted for the original base.")
+    check_original_base_adapter(adapter)  # a checkpoint's raw adapter, as mmlu and chat refuse it
     training = run_settings(adapter).get("training", {})
     bits, init = training.get("bits"), str(training.get("init_lora_weights", "true"))
     require(not (moves_base_weights(init) and bits in (4, 8) and into == "dequantized"), f"--adapter {adapter} "

@@ -10,7 +10,8 @@ __all__ = ['MIN_VOCAB', 'DEFAULT_PAD_TOKEN', 'INITIAL_ADAPTER', 'RESIDUAL_MODEL'
            'load_base_and_tokenizer', 'full_precision', 'initialised_model', 'folder_bytes', 'write_lora_init',
            'subtract_initial', 'lora_init_notice', 'residual_run', 'load_residual_and_tokenizer',
            'attach_initial_adapter', 'get_accelerate_model', 'save_trained_adapter', 'find_adapter',
-           'run_tokenizer_folder', 'base_tokenizer', 'trained_tokenizer', 'load_adapter', 'load_trained_model']
+           'check_original_base_adapter', 'run_tokenizer_folder', 'base_tokenizer', 'trained_tokenizer', 'load_adapter',
+           'load_trained_model']
 
 # %% ../nbs/04_model.ipynb #ee60244c
 import copy, json, math, shutil
@@ -224,6 +225,14 @@ def find_adapter(path) -> Path:
     raise ConfigError(f"--adapter {path}: no adapter_config.json there (nor in {Path(path)/'adapter_model'}). Give "
                       "the folder a LoRA adapter was saved to (a run's output_dir or one of its checkpoint folders).")
 
+def check_original_base_adapter(adapter: Path):
+    "Refuse a checkpoint's raw PiSSA/OLoRA adapter: it applies to its run's residual base, not to the original one."
+    init = str(json.loads((Path(adapter)/"adapter_config.json").read_text()).get("init_lora_weights", True))
+    require(not moves_base_weights(init), f"--adapter {adapter} is a checkpoint's raw --init_lora_weights {init} "
+            "adapter: it applies to its run's residual base (the original weights minus the initial adapter), not to "
+            "the original weights. Use the run's final adapter (its output_dir), which is saved converted for the "
+            "original base, or resume the run to its end first.")
+
 def run_tokenizer_folder(adapter) -> Path | None:
     "The folder of the tokenizer a run saved with `adapter`: the adapter's own, or the run (checkpoint) above it."
     adapter = Path(adapter)
@@ -240,6 +249,7 @@ def base_tokenizer(args):
 def trained_tokenizer(args) -> tuple: # (adapter folder or None, tokenizer, the folder it came from or None)
     "The adapter `args.adapter` names, and the tokenizer to use with it: the one its run saved, else the base model's."
     adapter = find_adapter(args.adapter) if getattr(args, "adapter", None) else None
+    if adapter is not None: check_original_base_adapter(adapter)
     tokenizer = base_tokenizer(args)  # the base is checked in any case: it loads next
     folder = run_tokenizer_folder(adapter) if adapter else None
     if folder is None: return adapter, tokenizer, None

@@ -190,6 +190,20 @@ def test_residual_variant_merges(name, into, residual_runs, data, tmp_path):
     assert (merged - on_base).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("command", ["mmlu", "chat"])
+def test_a_residual_runs_checkpoint_is_refused_for_inference(command, residual_runs, tmp_path):
+    "A checkpoint of a PiSSA run holds the raw adapter of its residual base: mmlu and chat refuse it, the final one works."
+    from qlora_nb.tiny import tiny_model_path, write_mmlu_files
+    mmlu = ["--mmlu_path", str(write_mmlu_files(tmp_path/"mmlu", n_per_subject=2)), "--output_dir", str(tmp_path/"o")]
+    rc, _, err = run_qlora_nb(command, "--model_name_or_path", tiny_model_path(), "--bits", "32",
+                              "--adapter", residual_runs/"pissa"/"checkpoint-2", *(mmlu if command == "mmlu" else []))
+    assert rc == 2 and "raw --init_lora_weights pissa adapter" in err and "Traceback" not in err, err[-3000:]
+    if command == "mmlu":
+        rc, _, err = run_qlora_nb(command, "--model_name_or_path", tiny_model_path(), "--bits", "32",
+                                  "--adapter", residual_runs/"pissa", *mmlu)
+        assert rc == 0, err[-3000:]
+
+
 def test_dora_trains_under_torchrun(data, tmp_path):
     "Two processes (gloo, --use_cpu) train DoRA to the adapter one process trains with the same global batch."
     script, one, two = tmp_path/"run.py", tmp_path/"one", tmp_path/"two"
