@@ -98,13 +98,15 @@ def missing_template_tokens(tokenizer, template_text: str) -> list:
 def add_template_tokens(tokenizer, model, # None: the tokenizer only
                         tokens: list):
     "Add `tokens` as special tokens, with mean-initialised embedding rows if there is a `model`, and say so."
+    if not tokens: return
     extra = {"extra_special_tokens": list(tokenizer.extra_special_tokens) + list(tokens)}  # keep the old ones
     if model is None: tokenizer.add_special_tokens(extra)
     else:
         from qlora_nb.model import smart_tokenizer_and_embedding_resize  # here: model loads torch and bitsandbytes
         smart_tokenizer_and_embedding_resize(extra, tokenizer, model)
     say(f"added the chat template's special tokens {', '.join(tokens)} to the tokenizer ({len(tokenizer)} tokens "
-        "now); their embedding rows start as the mean of the others, and LoRA does not train them.")
+        "now); their embedding rows start as the mean of the others, and LoRA does not train them (add "
+        "--modules_to_save embed_tokens,lm_head to train those two matrices whole).")
 
 # %% ../nbs/05a_templates.ipynb #71b7d7ce
 def assistant_spans(tokenizer, messages: list) -> tuple: # (the rendering, [(start, end), ...])
