@@ -6,10 +6,10 @@ Docs: https://qlora-nb.github.io/qlora_nb/demo.html.md"""
 
 # %% auto #0
 __all__ = ['CHARACTER_CLASSES', 'SUBJECTS', 'BASE_SUBJECTS', 'NEW_SUBJECT', 'DEMO', 'BASE_MODEL', 'QUIET_WARNINGS', 'QUICK',
-           'GRID_FLAGS', 'GRID', 'distractor_classes', 'choice_question', 'choice_questions', 'instruction_pairs',
-           'write_demo_data', 'DemoSizes', 'pretrain_flags', 'pretrained_base', 'finetune_flags', 'mmlu_flags',
-           'evaluate', 'loss_before_after', 'save_plots', 'summary', 'record_demo', 'parse_demo_args', 'run_demo',
-           'demo_main', 'cached_demo_run', 'grid_overrides', 'demo_data', 'grid_run', 'cached_grid_run']
+           'GRID_FLAGS', 'GRID', 'GRID_RECORD', 'distractor_classes', 'choice_question', 'choice_questions',
+           'instruction_pairs', 'write_demo_data', 'DemoSizes', 'pretrain_flags', 'pretrained_base', 'finetune_flags',
+           'mmlu_flags', 'evaluate', 'loss_before_after', 'save_plots', 'summary', 'record_demo', 'parse_demo_args',
+           'run_demo', 'demo_main', 'cached_demo_run', 'grid_overrides', 'demo_data', 'grid_run', 'cached_grid_run']
 
 # %% ../nbs/12_demo.ipynb #b55ca463
 import argparse, hashlib, json, os, random, sys, time, warnings
@@ -276,6 +276,8 @@ def demo_data(sizes: DemoSizes = QUICK) -> dict:
     return dict(finetune=path/"finetune.jsonl", mmlu=path/"mmlu")
 
 # %% ../nbs/12_demo.ipynb #164c8bee
+GRID_RECORD = 2  # raise it when a grid run folder records more (2: peak_memory in metrics.json)
+
 def grid_run(output_dir, overrides: list, sizes: DemoSizes = QUICK) -> dict:
     "Fine-tune the cached base with the demo's flags, `GRID_FLAGS` and `overrides`; MMLU results with the adapter."
     base, files = pretrained_base(sizes), demo_data(sizes)
@@ -286,5 +288,5 @@ def cached_grid_run(run, # a name in `GRID`, or extra `qlora-nb train` flags
                     sizes: DemoSizes = QUICK) -> Path:
     "A finished grid run folder, built once per recipe in the cache and reused, like `cached_demo_run`."
     overrides = grid_overrides(run)
-    path = cache_dir()/f"grid-run-{_digest([qlora_nb.__version__, BASE_MODEL, asdict(sizes), overrides])}"
+    path = cache_dir()/f"grid-run-{_digest([qlora_nb.__version__, BASE_MODEL, asdict(sizes), overrides, GRID_RECORD])}"
     return build_once(path, lambda work: grid_run(work, overrides, sizes), done="mmlu_eval.json")

@@ -9,9 +9,10 @@ __all__ = ['COMPLETED', 'ADAPTER_DIR', 'STAGING', 'RUN_FILES', 'RUN_CONFIG', 'RE
            'get_last_checkpoint', 'checkpoint_problems', 'check_output_dir', 'clear_run', 'discard_unfinished_writes',
            'check_checkpoint', 'resolved_config', 'recorded_settings', 'resume_setting_changes',
            'check_resume_settings', 'training_done', 'find_resume_point', 'QLoRATrainer', 'save_fsdp_adapter',
-           'make_trainer', 'check_packing', 'add_callbacks', 'logged_train_metrics', 'finish_training', 'run_training',
-           'run_evaluation', 'package_versions', 'device_description', 'git_commit', 'run_record', 'write_metrics',
-           'check_launch', 'is_complete', 'read_run_inputs', 'finish_run', 'train', 'train_main']
+           'make_trainer', 'check_packing', 'add_callbacks', 'reset_peak_memory', 'peak_memory', 'logged_train_metrics',
+           'finish_training', 'run_training', 'run_evaluation', 'package_versions', 'device_description', 'git_commit',
+           'run_record', 'write_metrics', 'check_launch', 'is_complete', 'read_run_inputs', 'finish_run', 'train',
+           'train_main']
 
 # %% ../nbs/08_train.ipynb #738977f7
 import contextlib, copy, json, os, platform, re, shutil, subprocess, sys, warnings, zipfile
@@ -319,6 +320,20 @@ def compute_loss(self: QLoRATrainer, model, inputs, return_outputs=False, num_it
     # as transformers: `n` counts every process's labels and DDP averages the gradients
     return loss * self.accelerator.num_processes if n is not None and self.args.average_tokens_across_devices else loss
 
+# %% ../nbs/08_train.ipynb #80cf1379
+def reset_peak_memory(device: torch.device):
+    "Start the peaks afresh: `device`'s CUDA counters and, on Linux, the process's RSS high-water mark."
+    if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError): Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS only
+
+def peak_memory(device: torch.device) -> dict:
+    "Peak memory in bytes: on CUDA, torch's allocated and reserved on `device`; everywhere, the process's RSS."
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    if device.type != "cuda": return {"process_rss_bytes": rss}
+    return {"cuda_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "cuda_reserved_bytes": torch.cuda.max_memory_reserved(device), "process_rss_bytes": rss}
+
 # %% ../nbs/08_train.ipynb #29a3bfcc
 def logged_train_metrics(state: TrainerState) -> dict:
     "The train metrics of a run from its trainer state: mean loss over the logged steps, epoch, FLOs."
@@ -341,6 +356,7 @@ def finish_training(trainer, checkpoint) -> dict:
 # %% ../nbs/08_train.ipynb #2598b198
 def run_training(trainer, checkpoint=None) -> dict:
     "Train (resuming from `checkpoint`, unless it is the last step), save the final adapter and trainer state."
+    reset_peak_memory(trainer.args.device)  # metrics.json records the training's peak, not the loading's
     if checkpoint is not None and training_done(checkpoint, trainer.args):
         metrics = finish_training(trainer, checkpoint)
     else: metrics = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint)).metrics
@@ -387,7 +403,8 @@ def run_record(args, metrics: dict) -> dict:
     "`metrics.json`: the metrics and what it takes to reproduce them."
     init = Path(args.output_dir)/LORA_INIT  # a PiSSA/OLoRA run: its initialisation and the adapter's conversion
     return {"metrics": metrics, "config": resolved_config(args), "versions": package_versions(),
-            "seed": args.seed, "device": device_description(), "git": git_commit()} | \
+            "seed": args.seed, "device": device_description(), "git": git_commit(),
+            "peak_memory": peak_memory(args.training_args.device)} | \
            ({"lora_init": json.loads(init.read_text())} if init.is_file() else {})
 
 def write_metrics(args, metrics: dict) -> Path:
