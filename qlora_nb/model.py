@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, LlamaTokenizer
 
 from .checks import say
 from .config import ConfigError, moves_base_weights, require
-from .files import write_json_atomic
+from .files import json_problem, write_json_atomic
 from .quant import check_model_source, load_base_model, uses_fsdp
 from .lora import attach_lora, fix_dtypes, make_lora_config, prepare_for_training
 
@@ -227,6 +227,8 @@ def find_adapter(path) -> Path:
 
 def check_original_base_adapter(adapter: Path):
     "Refuse a checkpoint's raw PiSSA/OLoRA adapter: it applies to its run's residual base, not to the original one."
+    problem = json_problem(Path(adapter)/"adapter_config.json")
+    require(problem is None, f"--adapter {adapter}: {problem}. Give the folder a run saved its adapter to, complete.")
     init = str(json.loads((Path(adapter)/"adapter_config.json").read_text()).get("init_lora_weights", True))
     require(not moves_base_weights(init), f"--adapter {adapter} is a checkpoint's raw --init_lora_weights {init} "
             "adapter: it applies to its run's residual base (the original weights minus the initial adapter), not to "
