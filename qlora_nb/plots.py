@@ -8,7 +8,7 @@ Docs: https://qlora-nb.github.io/qlora_nb/plots.html.md"""
 __all__ = ['MMLU_COLORS', 'MMLU_CURVE', 'CURVE_PANELS', 'WHERE_SETTINGS', 'NOT_RECORDED', 'MEMORY_COLUMN', 'PEAK_COLUMN',
            'count_label', 'plot_dtypes', 'plot_trainable_by_module', 'plot_mmlu_per_subject', 'training_series',
            'curve_label', 'plot_training_curves', 'read_trainer_state', 'read_mmlu_results', 'read_run', 'read_metrics',
-           'read_runs', 'run_settings', 'settings_that_differ', 'adapter_parameter_count', 'estimated_memory',
+           'read_runs', 'flat_settings', 'settings_that_differ', 'adapter_parameter_count', 'estimated_memory',
            'measured_peak_memory', 'run_summary', 'summary_table', 'plot_loss_curves', 'plot_mmlu_runs',
            'plot_run_summary']
 
@@ -220,7 +220,7 @@ def read_runs(runs: dict) -> dict: # {name: run folder}
     return {name: read_run(d) | dict(dir=Path(d), record=read_metrics(d)) for name, d in runs.items()}
 
 # %% ../nbs/11_plots.ipynb #9b629f71
-def run_settings(record: dict) -> dict: # a `metrics.json`, read
+def flat_settings(record: dict) -> dict: # a `metrics.json`, read
     "A run's settings, flat: every flag by name, then `versions.*`, `device` and `git.*`."
     flat = {k: v for section in (record.get("config") or {}).values() for k, v in section.items()}
     flat |= {f"versions.{k}": v for k, v in (record.get("versions") or {}).items()} | {"device": record.get("device")}
@@ -233,7 +233,7 @@ NOT_RECORDED = "not recorded"
 def settings_that_differ(records: dict, # {name: metrics.json read}
                          ignore=WHERE_SETTINGS) -> dict:
     "`{setting: {run: value}}` of the settings whose values are not the same in every run, in recorded order."
-    flat = {name: run_settings(r) for name, r in records.items()}
+    flat = {name: flat_settings(r) for name, r in records.items()}
     keys = [k for k in dict.fromkeys(k for s in flat.values() for k in s) if k not in ignore]
     table = {k: {name: s.get(k, NOT_RECORDED) for name, s in flat.items()} for k in keys}
     return {k: v for k, v in table.items() if any(x != next(iter(v.values())) for x in v.values())}
@@ -248,7 +248,7 @@ def adapter_parameter_count(run_dir) -> int | None:
 
 def estimated_memory(record: dict) -> float | None: # a `metrics.json`, read
     "Estimated training memory in bytes from a run's recorded settings; None when its base model's config is not here."
-    settings = run_settings(record)
+    settings = flat_settings(record)
     try: return float(sum(estimate_memory(settings["model_name_or_path"], settings).values()))
     except (ConfigError, KeyError, OSError): return None
 
