@@ -3,6 +3,7 @@
     bash bench/gpu_check.sh                      # on the GPU machine (installs the wheelhouse, then runs this)
     python bench/gpu_check.py --plan             # no GPU needed: every configuration's settings and memory estimate
     python bench/gpu_check.py --smoke            # the whole script on the CPU with the tiny model, a few steps
+    python bench/gpu_check.py --notebook NB      # a notebook's cells with its `#| cuda` ones (no nbdev needed)
 
 Models: random-weight Llamas built from the shapes of Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B
 (qlora_nb/presets/models.yaml, no download), with the tiny BPE tokenizer (ids < 32000 fit the 128256 vocabulary).
@@ -23,10 +24,11 @@ Figures over the steps after --warmup: real (non-pad) tokens/s, peak GPU memory 
 reserved), qlora_nb.memory.estimate_memory against that peak, and MFU = 6 x N x tokens/s / the GPU's dense bf16 peak
 (N: the weights of the matrix multiplies, lm_head included; 6 = forward 2 + input gradients 2 + the recomputed
 forward 2, no base-weight gradients under LoRA, 4 without recomputation; attention's own FLOPs not counted).
+Each configuration then runs one more step under torch.profiler (untimed; `--no_profile`): GPU kernel time by group.
 Then FSDP-QLoRA (qlora_nb/configs/fsdp_qlora.yaml, one process): train with checkpoints, load the saved adapter with
 peft, and resume from the FSDP checkpoint in a fresh folder; the resumed adapter is compared with the straight run's.
 """
-import argparse, importlib.util, json, math, os, re, resource, shutil, subprocess, sys, tempfile, time
+import argparse, importlib.util, json, math, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -44,6 +46,10 @@ OPTIM = "paged_adamw_32bit"
 PEAK_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("A100", 312.0)]
 
 
+class Stopped(Exception):
+    "SIGTERM (an outer `timeout`) in the harness: print the table of what finished, then end."
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Inside a worker process: the observer (step clock, token counter), and the three kinds of run
 
@@ -58,9 +64,11 @@ def count_tokens(inputs) -> int:
 
 class Observer:
     "Times each optimizer step (after a CUDA sync) and counts each step's real tokens; changes nothing."
-    def __init__(self): self.steps, self.tokens, self.loss, self.bits = [], {}, None, None
+    def __init__(self):
+        self.steps, self.tokens, self.loss, self.bits, self.losses, self.profile = [], {}, None, None, {}, None
 
-    def install(self, weight_bits=False):
+    def install(self, weight_bits=False, profile_step=None):
+        "`profile_step`: the optimizer step (1-based) to run under torch.profiler (one step after the timed ones)."
         import torch, transformers
         from transformers import Trainer, TrainerCallback
         obs, training_step = self, Trainer.training_step
@@ -77,18 +85,36 @@ class Observer:
             def on_step_end(self, args, state, control, **kw):
                 sync(); obs.steps.append((state.global_step, time.perf_counter()))
             def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs: obs.loss = float(logs["loss"])
+                if logs and "loss" in logs: obs.loss = obs.losses[state.global_step] = float(logs["loss"])
+        class StepProfile(TrainerCallback):  # after StepClock: its sync ends the step before the profiler stops
+            prof = t0 = None
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step + 1 == profile_step:
+                    from torch.profiler import ProfilerActivity, profile
+                    sync()
+                    acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]  # kernels only
+                    self.prof = profile(activities=acts); self.prof.__enter__(); self.t0 = time.perf_counter()
+            def on_step_end(self, args, state, control, **kw):
+                if self.prof is not None and state.global_step == profile_step:
+                    sync(); wall = time.perf_counter() - self.t0
+                    self.prof.__exit__(None, None, None)
+                    try: obs.profile = summarize_profile(self.prof, wall)
+                    except Exception as e: obs.profile = dict(error=f"{type(e).__name__}: {e}"[:300])
+                    self.prof = None
         transformers.trainer.DEFAULT_CALLBACKS.append(StepClock())
+        if profile_step: transformers.trainer.DEFAULT_CALLBACKS.append(StepProfile())
 
-    def result(self, warmup: int) -> dict:
+    def result(self, warmup: int, upto: int | None = None) -> dict:
+        "Figures over the steps after `warmup`, up to step `upto` (the profiled step after it is not timed)."
         import torch
         start = next((s for s in self.steps if s[0] == warmup), self.steps[0])
-        (last, t1), t0 = self.steps[-1], start[1]
+        (last, t1), t0 = next((s for s in self.steps if s[0] == upto), self.steps[-1]), start[1]
         timed = range(start[0] + 1, last + 1)
         tokens = sum(self.tokens.get(s, 0) for s in timed)
         cuda = torch.cuda.is_available()
         return dict(steps=last, timed_steps=len(timed), tokens=tokens, tokens_per_step=tokens / max(1, len(timed)),
-                    tokens_per_s=tokens / (t1 - t0), s_per_step=(t1 - t0) / max(1, len(timed)), loss=self.loss,
+                    tokens_per_s=tokens / (t1 - t0), s_per_step=(t1 - t0) / max(1, len(timed)),
+                    loss=self.losses.get(last, self.loss), profile=self.profile,
                     peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
                     reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None,
                     rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, weight_bits=self.bits)
@@ -165,9 +191,41 @@ def run_trl(spec: dict):
 def worker(spec_path: str, result_path: str):
     "One configuration in this (fresh) process; writes its figures to `result_path` (rank 0 only)."
     spec = json.loads(Path(spec_path).read_text())
-    obs = Observer(); obs.install(weight_bits=spec["kind"] == Q4)
-    (run_trl if spec["kind"] == TRL else run_qlora_nb)(spec)
-    if int(os.environ.get("RANK", 0)) == 0: Path(result_path).write_text(json.dumps(obs.result(spec["warmup"])))
+    profile = bool(spec.get("profile"))  # then one step more, under torch.profiler, after the timed ones
+    obs = Observer(); obs.install(weight_bits=spec["kind"] == Q4, profile_step=spec["steps"] + 1 if profile else None)
+    (run_trl if spec["kind"] == TRL else run_qlora_nb)(spec | dict(steps=spec["steps"] + profile))
+    if int(os.environ.get("RANK", 0)) == 0:
+        Path(result_path).write_text(json.dumps(obs.result(spec["warmup"], upto=spec["steps"])))
+
+
+KERNEL_GROUPS = [  # (group, substrings of a kernel's name, lower case), first match wins
+    ("4-bit dequantize", ("dequantize", "kdequant")), ("optimizer", ("optimizer", "adam")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma", "matmul")),
+    ("copies", ("memcpy", "memset")), ("elementwise/reductions", ("at::native", "elementwise", "reduce")),
+    ("Triton (Liger etc.)", ("triton",))]
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    g = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), None)
+    return g or ("Triton (Liger etc.)" if name.startswith("_") and name.endswith("kernel") else "other")
+
+
+def summarize_profile(prof, wall: float) -> dict:
+    "One profiled step: GPU kernel time by group and the top kernels (CPU ops' self time where there is no GPU)."
+    from torch.autograd import DeviceType
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if events: times = [(e.name, e.time_range.elapsed_us()) for e in events]
+    else: times = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    by_name, groups = {}, {}
+    for name, us in times: by_name[name] = by_name.get(name, 0.0) + us
+    for name, us in by_name.items(): groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + us
+    total = sum(by_name.values())
+    top = sorted(by_name.items(), key=lambda x: -x[1])[:8]
+    return dict(device="cuda" if events else "cpu", wall_s=wall, kernel_s=total / 1e6, kernels=len(times),
+                groups={g: us / 1e6 for g, us in sorted(groups.items(), key=lambda x: -x[1])},
+                top=[(n[:90], us / 1e6) for n, us in top])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -424,8 +482,9 @@ def run_worker(spec: dict, work: Path, timeout: float, launcher: list | None = N
     return json.loads(result.read_text()) | dict(process_s=time.perf_counter() - t0, log=str(log))
 
 
-def fsdp_checks(model: Path, data: Path, opts, work: Path, cuda: bool, left) -> list:
-    "FSDP-QLoRA in one process: train with checkpoints, load the adapter with peft, resume from a checkpoint."
+def fsdp_checks(model: Path, data: Path, opts, work: Path, cuda: bool, left, out: list | None = None) -> list:
+    """FSDP-QLoRA in one process: train with checkpoints, load the adapter with peft, resume from a checkpoint.
+    Each check's figures go into `out` as it ends (a run stopped from outside keeps them)."""
     from peft import PeftConfig
     from safetensors.torch import load_file
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
@@ -434,7 +493,7 @@ def fsdp_checks(model: Path, data: Path, opts, work: Path, cuda: bool, left) -> 
     base = dict(kind=Q4, model=str(model), model_key=opts.fsdp_model, data=str(data), bits=4, row_len=opts.fsdp_row,
                 batch=opts.fsdp_batch, steps=steps, warmup=1, cuda=cuda, liger=False, save_steps=steps // 2)
     straight, resumed = work/"fsdp-straight", work/"fsdp-resumed"
-    out = []
+    out = [] if out is None else out
     r = run_worker(base | dict(name="fsdp train", output_dir=str(straight)), work, min(opts.timeout, left()), launch)
     if "error" not in r:
         try:
@@ -450,6 +509,10 @@ def fsdp_checks(model: Path, data: Path, opts, work: Path, cuda: bool, left) -> 
     shutil.rmtree(resumed, ignore_errors=True); resumed.mkdir()
     shutil.copytree(half, resumed/half.name)  # a run stopped after its first checkpoint
     layout = "sharded (pytorch_model_fsdp_0/)" if (half/"pytorch_model_fsdp_0").is_dir() else "plain"
+    if left() < 60:  # 2026-12-04: a resume started with 24 s left was cut off before it printed a line (no verdict)
+        out.append((f"resume from checkpoint-{steps // 2} ({layout})",
+                    dict(error=f"not started: {max(0, left()):.0f} s of --budget_s left (it needs about a minute)")))
+        return out
     r2 = run_worker(base | dict(name="fsdp resume", output_dir=str(resumed), resume=True), work,
                     max(1, min(opts.timeout, left())), launch)
     if "error" not in r2:
@@ -515,6 +578,19 @@ def print_table(results: list, gpu: dict, fsdp: list, notes: list, opts):
             print(f"- {tag}: memory estimate within 10 % of the peak: {len(ok)} of {len(off)} "
                   f"({', '.join(f'{n} {x:.2f}' for n, x in off)})")
     if not cuda: print("- smoke run: tokens/s ratios are printed above; MFU and the estimate against the peak need a GPU")
+    profiled = [(p, r) for p, r in results if not p["skip"] and "error" not in r and r.get("profile")]
+    if profiled:
+        print("\nWhere the time goes (torch.profiler over one more step after the timed ones; kernel time by group, "
+              "busy = the step's kernel time / the timed s/step, the GPU idles the rest):")
+    for p, r in profiled:
+        f = r["profile"]
+        if "error" in f: print(f"- {p['name']} ({p['model_key']}): profile failed: {f['error']}"); continue
+        total = f["kernel_s"] or float("nan")
+        what = "kernels" if f["device"] == "cuda" else "CPU ops' self time"
+        print(f"- {p['name']} ({p['model_key']}): {what} {f['kernel_s']:.3f} s in {f['kernels']} launches, profiled step "
+              f"{f['wall_s']:.3f} s, busy {f['kernel_s'] / r['s_per_step']:.0%}; " +
+              ", ".join(f"{g} {t / total:.0%}" for g, t in f["groups"].items()))
+        print("    top: " + "; ".join(f"{n[:70]} {t / total:.0%}" for n, t in f["top"][:5]))
     if fsdp:
         print("\nFSDP-QLoRA (qlora_nb/configs/fsdp_qlora.yaml, one process)" if cuda else
               "\nFSDP-QLoRA path (smoke: accelerate --cpu, no FSDP; FSDP needs a GPU)")
@@ -549,6 +625,9 @@ def parse_opts(argv=None):
                    help="every process ends by this many seconds from the start (one device command may run 600 s)")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration process")
     p.add_argument("--no_fsdp", action="store_true", help="skip the FSDP-QLoRA checks")
+    p.add_argument("--fsdp_only", action="store_true", help="only the FSDP-QLoRA checks (no configuration table)")
+    p.add_argument("--no_profile", action="store_true",
+                   help="no torch.profiler step (by default each configuration runs one more step, untimed, under it)")
     p.add_argument("--fsdp_model", default="1B"); p.add_argument("--fsdp_row", type=int, default=1024)
     p.add_argument("--fsdp_batch", type=int, default=4); p.add_argument("--fsdp_steps", type=int, default=6)
     p.add_argument("--work", default=None, help="folder for models, data, runs and logs (default: bench/_work/gpu_check)")
@@ -568,7 +647,7 @@ def main(argv=None):
     opts = parse_opts(argv)
     if opts.smoke: SMOKE_THREADS.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     gpu = gpu_facts(opts)
-    plan = make_plan(opts, gpu)
+    plan = [] if opts.fsdp_only and not opts.plan else make_plan(opts, gpu)
     if opts.plan: print_plan(plan, gpu, opts); return
     import torch
     cuda = torch.cuda.is_available() and not opts.smoke
@@ -587,42 +666,83 @@ def main(argv=None):
     def model_folder(key):  # built when first needed: a run cut short by --budget_s builds no model it does not use
         if key not in models: models[key] = tiny_path() if opts.smoke else build_model(key, work/f"llama-{key}")
         return models[key]
-    results = []
-    for p in plan:
-        if p["skip"]: results.append((p, {})); continue
-        left = opts.budget_s - (time.perf_counter() - t_start)
-        if left < 30:
-            p["skip"] = f"--budget_s {opts.budget_s:g} spent before it could start"; results.append((p, {})); continue
-        dk = (p["model_key"], p["row_len"], p["batch"])
-        if dk not in data:
-            data[dk] = prepare_data(work, model_folder(p["model_key"]), p["row_len"], p["batch"], opts.steps, cuda)
-            c = data[dk][2]
-            notes.append(f"{p['model_key']}, rows of {p['row_len']}: {c['rows']} packed rows, {c['fill']:.1%} full "
-                         f"(qlora-nb's packing; TRL trains on the same rows)")
-        records, rows_dir, _ = data[dk]
-        spec = dict(p, model=str(with_attention(models[p["model_key"]], p["attn"])), data=str(records), rows=str(rows_dir),
-                    output_dir=str(work/"runs"/re.sub(r"\W+", "_", f"{p['name']}_{p['model_key']}_{p['row_len']}")),
-                    bits=16 if p["kind"] == BF16 else 4, steps=opts.steps, warmup=opts.warmup, cuda=cuda)
-        r = run_worker(spec, work, min(opts.timeout, opts.budget_s - (time.perf_counter() - t_start)))
-        print(f"[{time.perf_counter() - t_start:5.0f} s] {p['name']:<34} {p['model_key']} {p['row_len']}x{p['batch']}: " +
-              (r["error"] if "error" in r else f"{r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
-               f"peak {gib(r['peak_bytes'])} GiB, {r['process_s']:.0f} s in all"), flush=True)
-        results.append((p, r))
-    fsdp = []
-    if not opts.no_fsdp:
-        if opts.budget_s - (time.perf_counter() - t_start) < 60:
-            fsdp = [("FSDP checks", dict(error=f"not started: --budget_s {opts.budget_s:g} spent"))]
-        else:
-            key = opts.fsdp_model
-            model = model_folder(key)
-            records = prepare_data(work, model, opts.fsdp_row, opts.fsdp_batch, opts.fsdp_steps, cuda)[0]
-            fsdp = fsdp_checks(model, records, opts, work, cuda, lambda: opts.budget_s - (time.perf_counter() - t_start))
-    print_table(results, gpu, fsdp, notes, opts)
+    results, fsdp, running = [], [], None
+    def save():  # after every configuration: a command killed from outside still leaves its figures
+        (work/"results.json").write_text(json.dumps(dict(gpu=gpu, notes=notes, results=results, fsdp=fsdp), indent=1,
+                                                     default=str))
+    def stop(signum, frame): raise Stopped(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for p in plan:
+            if p["skip"]: results.append((p, {})); continue
+            left = opts.budget_s - (time.perf_counter() - t_start)
+            if left < 30:
+                p["skip"] = f"--budget_s {opts.budget_s:g} spent before it could start"; results.append((p, {})); continue
+            dk = (p["model_key"], p["row_len"], p["batch"])
+            if dk not in data:
+                data[dk] = prepare_data(work, model_folder(p["model_key"]), p["row_len"], p["batch"],
+                                        opts.steps + (not opts.no_profile), cuda)
+                c = data[dk][2]
+                notes.append(f"{p['model_key']}, rows of {p['row_len']}: {c['rows']} packed rows, {c['fill']:.1%} full "
+                             f"(qlora-nb's packing; TRL trains on the same rows)")
+            records, rows_dir, _ = data[dk]
+            spec = dict(p, model=str(with_attention(models[p["model_key"]], p["attn"])), data=str(records), rows=str(rows_dir),
+                        output_dir=str(work/"runs"/re.sub(r"\W+", "_", f"{p['name']}_{p['model_key']}_{p['row_len']}")),
+                        bits=16 if p["kind"] == BF16 else 4, steps=opts.steps, warmup=opts.warmup, cuda=cuda,
+                        profile=not opts.no_profile)
+            running = p
+            r = run_worker(spec, work, min(opts.timeout, opts.budget_s - (time.perf_counter() - t_start)))
+            running = None
+            print(f"[{time.perf_counter() - t_start:5.0f} s] {p['name']:<34} {p['model_key']} {p['row_len']}x{p['batch']}: " +
+                  (r["error"] if "error" in r else f"{r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
+                   f"peak {gib(r['peak_bytes'])} GiB, {r['process_s']:.0f} s in all"), flush=True)
+            results.append((p, r)); save()
+        if not opts.no_fsdp:
+            if opts.budget_s - (time.perf_counter() - t_start) < 60:
+                fsdp.append(("FSDP checks", dict(error=f"not started: --budget_s {opts.budget_s:g} spent")))
+            else:
+                key = opts.fsdp_model
+                model = model_folder(key)
+                records = prepare_data(work, model, opts.fsdp_row, opts.fsdp_batch, opts.fsdp_steps, cuda)[0]
+                fsdp_checks(model, records, opts, work, cuda, lambda: opts.budget_s - (time.perf_counter() - t_start), fsdp)
+    except Stopped as e:
+        notes.append(f"stopped by {e} (an outer timeout?) at {time.perf_counter() - t_start:.0f} s: the rows below are "
+                     "what had finished")
+        if running is not None: results.append((running, dict(error=f"stopped by {e} while it ran")))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print_table(results, gpu, fsdp, notes, opts); save()
     failed = [p["name"] for p, r in results if "error" in r] + [n for n, r in fsdp if "error" in r]
     print(f"\n{time.perf_counter() - t_start:.0f} s in all; logs in {work}")
     if failed: sys.exit(f"gpu_check: {len(failed)} failed: {', '.join(failed)} (their logs are named above)")
 
 
+def run_notebook(path: str, flags=("cuda",)) -> int:
+    """A notebook's code cells in order in one namespace, as `nbdev-test --flags cuda` runs them (where nbdev is not
+    installed: the GPU machine's wheelhouse has no room for it): cells flagged `notest`/`slow`/`cuda` run only when
+    `flags` names the flag, `#| eval: false` never; in the notebook's folder, with IN_TEST=1. 0 when every cell passed."""
+    import traceback
+    nb = Path(path).resolve()
+    cells = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+    os.environ["IN_TEST"] = "1"; os.chdir(nb.parent); sys.path.insert(0, str(ROOT))
+    ns, ran, flagged, t0 = {"__name__": "__main__"}, 0, 0, time.perf_counter()
+    for i, c in enumerate(cells):
+        src = "".join(c["source"])
+        marks = {m.strip() for l in src.splitlines() if l.startswith("#|") for m in l[2:].split()}
+        if "eval:" in marks and "false" in marks: continue
+        tagged = marks & {"notest", "slow", "cuda"}
+        if tagged and not tagged <= set(flags): continue
+        try: exec(compile(src, f"{nb.name}[code cell {i}]", "exec"), ns)
+        except Exception:
+            traceback.print_exc()
+            print(f"{nb.name}: code cell {i} FAILED ({ran} cells passed before it, {time.perf_counter() - t0:.0f} s)")
+            return 1
+        ran += 1; flagged += bool(tagged)
+    print(f"{nb.name}: {ran} code cells passed, {flagged} of them flagged {'/'.join(flags)} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker": worker(*sys.argv[2:4])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--notebook": sys.exit(run_notebook(sys.argv[2]))
     else: main()
