@@ -9,12 +9,13 @@ __all__ = ['COMPLETED', 'ADAPTER_DIR', 'STAGING', 'RUN_FILES', 'RUN_CONFIG', 'RE
            'get_last_checkpoint', 'checkpoint_problems', 'check_output_dir', 'clear_run', 'discard_unfinished_writes',
            'check_checkpoint', 'resolved_config', 'recorded_settings', 'resume_setting_changes',
            'check_resume_settings', 'training_done', 'find_resume_point', 'QLoRATrainer', 'save_fsdp_adapter',
-           'make_trainer', 'check_packing', 'add_callbacks', 'reset_peak_memory', 'peak_memory', 'logged_train_metrics',
-           'finish_training', 'run_training', 'run_evaluation', 'package_versions', 'device_description', 'git_commit',
-           'run_record', 'write_metrics', 'check_launch', 'is_complete', 'read_run_inputs', 'finish_run', 'train',
-           'train_main']
+           'make_trainer', 'check_packing', 'add_callbacks', 'unpinned_batches_quiet', 'reset_peak_memory',
+           'peak_memory', 'logged_train_metrics', 'finish_training', 'run_training', 'run_evaluation',
+           'package_versions', 'device_description', 'git_commit', 'run_record', 'write_metrics', 'check_launch',
+           'is_complete', 'read_run_inputs', 'finish_run', 'train', 'train_main']
 
 # %% ../nbs/08_train.ipynb #738977f7
+import qlora_nb  # first: bitsandbytes, imported by peft below, then loads without fetching code
 import contextlib, copy, json, os, platform, re, shutil, subprocess, sys, warnings, zipfile
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from safetensors.torch import save_file
 from transformers import Seq2SeqTrainer, TrainerState, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-import qlora_nb
 from .checks import say
 from .config import ConfigError, require, parse_args
 from .model import INITIAL_ADAPTER, LORA_INIT, RESIDUAL_MODEL, get_accelerate_model, save_trained_adapter
@@ -37,9 +37,7 @@ from .files import json_problem, list_checkpoints, publish_checkpoint, write_jso
 from .mmlu import MMLUEvalCallback, load_mmlu, make_mmlu_callback
 from .label_loss import label_only_lm_head_loss, model_full_logits_reason, trainer_full_logits_reason
 from .predict import predict_step
-
-# transformers asks for pinned batches; on a machine with no GPU there is nothing to pin them for, and torch says so at every epoch
-warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found")
+from .quant import cpu_kernels
 
 # %% ../nbs/08_train.ipynb #8011f69e
 COMPLETED = "completed"  # qlora.py's marker: the run finished
@@ -320,6 +318,30 @@ def compute_loss(self: QLoRATrainer, model, inputs, return_outputs=False, num_it
     # as transformers: `n` counts every process's labels and DDP averages the gradients
     return loss * self.accelerator.num_processes if n is not None and self.args.average_tokens_across_devices else loss
 
+# %% ../nbs/08_train.ipynb #4552fdb1
+@contextlib.contextmanager
+def unpinned_batches_quiet():
+    "Hide torch's warning that no accelerator can use pinned batches: by its category and module, never its text."
+    with warnings.catch_warnings():
+        if not torch.accelerator.is_available():  # the warning's own condition: with a GPU nothing is hidden
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\.data\.dataloader$")
+        yield
+
+@patch
+def train(self: QLoRATrainer, *args, **kwargs):
+    "transformers' training loop, without torch's warning about unpinned batches."
+    with unpinned_batches_quiet(): return Seq2SeqTrainer.train(self, *args, **kwargs)
+
+@patch
+def evaluate(self: QLoRATrainer, *args, **kwargs):
+    "transformers' evaluation loop, without torch's warning about unpinned batches."
+    with unpinned_batches_quiet(): return Seq2SeqTrainer.evaluate(self, *args, **kwargs)
+
+@patch
+def predict(self: QLoRATrainer, *args, **kwargs):
+    "transformers' prediction loop, without torch's warning about unpinned batches."
+    with unpinned_batches_quiet(): return Seq2SeqTrainer.predict(self, *args, **kwargs)
+
 # %% ../nbs/08_train.ipynb #80cf1379
 def reset_peak_memory(device: torch.device):
     "Start the peaks afresh: `device`'s CUDA counters and, on Linux, the process's RSS high-water mark."
@@ -405,6 +427,7 @@ def run_record(args, metrics: dict) -> dict:
     return {"metrics": metrics, "config": resolved_config(args), "versions": package_versions(),
             "seed": args.seed, "device": device_description(), "git": git_commit(),
             "peak_memory": peak_memory(args.training_args.device)} | \
+           ({"cpu_kernels": cpu_kernels()} if args.training_args.device.type == "cpu" else {}) | \
            ({"lora_init": json.loads(init.read_text())} if init.is_file() else {})
 
 def write_metrics(args, metrics: dict) -> Path:
