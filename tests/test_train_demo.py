@@ -1,13 +1,11 @@
 """`qlora-nb demo` as the README runs it: offline, a real process, and it must show learning. Several minutes on a
 busy CPU (the base model is pretrained on first use), so it is marked slow and runs only with QLORA_NB_SLOW=1
 (`QLORA_NB_SLOW=1 python -m pytest tests/test_train_demo.py`). A bad flag is checked quickly, always."""
-import os, sys
+import os
 
 import pytest
-from conftest import ROOT, run_qlora_nb
-
-sys.path.insert(0, str(ROOT/"scripts"))
-from check_demo import problems  # the files and figures the demo must show, held once
+from conftest import run_qlora_nb
+from qlora_nb.demo import demo_problems  # the files and figures the demo must show, held once
 
 
 def qlora_nb(*args, timeout=1800): return run_qlora_nb(*args, timeout=timeout)
@@ -25,4 +23,4 @@ def test_demo_shows_learning(tmp_path):
     out = tmp_path/"demo"
     rc, stdout, err = qlora_nb("demo", "--output_dir", str(out))
     assert rc == 0, err[-3000:]
-    assert problems(out, stdout) == []  # what CI checks after the README's demo command (scripts/check_demo.py)
+    assert demo_problems(out, stdout) == []  # what CI checks after the README's demo command (scripts/check_demo.py)
