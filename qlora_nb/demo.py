@@ -213,8 +213,9 @@ def record_demo(output_dir, base, before: dict, after: dict, sizes: DemoSizes, s
 
 # %% ../nbs/12_demo.ipynb #63c500dc
 PROMISE = dict(taught_before_below=0.45, # the new subject before QLoRA: near chance (0.25)
-               taught_after_above=0.85, # ... after QLoRA: learned
-               kept_after_above=0.90, # each pretrained subject after QLoRA: not forgotten
+               taught_after_above=0.80, # ... after QLoRA: learned
+               kept_after_above=0.80, # each pretrained subject after QLoRA: still known, far above chance
+               kept_drop_below=0.10, # ... and at most this much below the base's own accuracy: not forgotten
                loss_falls_by=5) # the training loss: the mean of the last 3 logged values, against the first 3
 DEMO_FILES = ["completed", "metrics.json", "trainer_state.json", "mmlu_eval_before.json", "mmlu_eval.json",
               "adapter_model/adapter_config.json", "adapter_model/adapter_model.safetensors",
@@ -227,6 +228,7 @@ def promise_margins(before: dict, after: dict, losses: tuple) -> dict:
     return {f"{NEW_SUBJECT} before": PROMISE["taught_before_below"] - acc(before, NEW_SUBJECT),
             f"{NEW_SUBJECT} after": acc(after, NEW_SUBJECT) - PROMISE["taught_after_above"],
             **{f"{s} after": acc(after, s) - PROMISE["kept_after_above"] for s in BASE_SUBJECTS},
+            **{f"{s} drop": PROMISE["kept_drop_below"] - (acc(before, s) - acc(after, s)) for s in BASE_SUBJECTS},
             "loss fall": losses[0] / losses[1] - PROMISE["loss_falls_by"]}
 
 # %% ../nbs/12_demo.ipynb #0c2b7c06
