@@ -13,6 +13,7 @@ import argparse, contextlib, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import qlora_nb  # before transformers: its guard keeps bitsandbytes from fetching kernel code from the hub
 import torch
 from fastcore.basics import patch
 from transformers import TextStreamer

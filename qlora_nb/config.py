@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+import qlora_nb  # before transformers: its guard keeps bitsandbytes from fetching kernel code from the hub
 import yaml
 import transformers
 from transformers import GenerationConfig, HfArgumentParser, Seq2SeqTrainingArguments
@@ -497,8 +498,8 @@ def cli_tokens(name: str, value) -> list:
 @lru_cache(maxsize=1)
 def default_arg_values() -> dict:
     "Every setting's value when no flag is given, as the form holds it."
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # transformers' deprecation notices, by category and the module that raises them
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.training_args$")
         args = parse_args([], quiet=True)
     return args_values(args)
 

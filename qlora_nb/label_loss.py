@@ -11,6 +11,7 @@ __all__ = ['LABEL_ONLY_MODEL_TYPES', 'LABEL_ONLY_INPUTS', 'label_only_lm_head_lo
 # %% ../nbs/07a_label_loss.ipynb #53abeebb
 import contextlib
 
+import qlora_nb  # before peft and transformers: its guard keeps bitsandbytes from fetching kernel code from the hub
 from peft import PeftModel, PeftType
 from torch.nn.parallel import DistributedDataParallel
 from transformers.loss.loss_utils import fixed_cross_entropy

@@ -6,14 +6,16 @@ Docs: https://qlora-nb.github.io/qlora_nb/lora.html.md"""
 
 # %% auto #0
 __all__ = ['CHECKPOINTING', 'MODULE_TYPES', 'true_numel', 'count_parameters', 'linear_layer_class', 'find_all_linear_names',
-           'lora_targets', 'lora_layer_indices', 'lora_modules_to_save', 'prepare_for_training', 'make_lora_config',
-           'load_adapters', 'init_loftq', 'attach_lora', 'print_trainable_parameters', 'storage_of', 'dtype_table',
-           'module_type', 'parameters_by_module_type', 'fix_dtypes']
+           'lora_targets', 'lora_layer_indices', 'lora_modules_to_save', 'checkpointing_renames_ignored',
+           'prepare_for_training', 'make_lora_config', 'load_adapters', 'init_loftq', 'attach_lora',
+           'print_trainable_parameters', 'storage_of', 'dtype_table', 'module_type', 'parameters_by_module_type',
+           'fix_dtypes']
 
 # %% ../nbs/03_lora.ipynb #79c90a61
-import math, warnings
+import contextlib, math, warnings
 from pathlib import Path
 
+import qlora_nb  # before bitsandbytes and peft: its guard keeps bitsandbytes from fetching kernel code from the hub
 import torch
 import bitsandbytes as bnb
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, replace_lora_weights_loftq
@@ -84,11 +86,19 @@ def lora_modules_to_save(args, model): # -> module names, or None
 # %% ../nbs/03_lora.ipynb #93534fba
 CHECKPOINTING = {"use_reentrant": False}
 
+@contextlib.contextmanager
+def checkpointing_renames_ignored():
+    "Ignore transformers' FutureWarnings for its renamed checkpointing methods, which peft still calls."
+    # `is_gradient_checkpointing`, read whenever peft wraps a model, and `gradient_checkpointing_enable`, called by
+    # `prepare_model_for_kbit_training`: matched by category and the module that raises them, never by their text
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.modeling_utils$")
+        yield
+
 def prepare_for_training(model, args):
     "Freeze and upcast a 4/8-bit model (peft), and turn on gradient checkpointing if asked."
-    with warnings.catch_warnings():  # peft calls transformers' deprecated gradient_checkpointing_enable
-        warnings.simplefilter("ignore", FutureWarning)
-        if args.bits in (4, 8):
+    if args.bits in (4, 8):
+        with checkpointing_renames_ignored():  # peft calls transformers' deprecated gradient_checkpointing_enable
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=CHECKPOINTING)
     if args.gradient_checkpointing: model.activation_checkpointing_enable(CHECKPOINTING)
@@ -113,7 +123,8 @@ def load_adapters(model, checkpoint_dir):
     require((folder/"adapter_config.json").is_file(),
             f"No LoRA adapter to resume from: {folder} has no adapter_config.json. Point checkpoint_dir at a "
             "checkpoint-N folder written by training (it holds adapter_model/), or start without one.")
-    try: return PeftModel.from_pretrained(model, folder, is_trainable=True)
+    try:
+        with checkpointing_renames_ignored(): return PeftModel.from_pretrained(model, folder, is_trainable=True)
     except Exception as e:  # peft reports a bad file in many ways (JSON, safetensors, shape mismatch)
         raise ConfigError(f"The LoRA adapter in {folder} cannot be loaded; it may be incomplete, corrupt or made for "
                           f"another base model ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
@@ -133,7 +144,7 @@ def attach_lora(model, args, checkpoint_dir=None): # checkpoint_dir: a checkpoin
     model = prepare_for_training(model, args)
     if args.full_finetune: return model
     if checkpoint_dir is not None: return load_adapters(model, checkpoint_dir)  # the variant is in its adapter_config
-    model = get_peft_model(model, make_lora_config(args, model))
+    with checkpointing_renames_ignored(): model = get_peft_model(model, make_lora_config(args, model))
     return init_loftq(model, args) if args.init_lora_weights == "loftq" else model
 
 # %% ../nbs/03_lora.ipynb #e76f1e7d

@@ -14,6 +14,7 @@ import dataclasses, enum, html, shlex, typing, warnings
 from argparse import ArgumentTypeError
 from pathlib import Path
 
+import qlora_nb  # before transformers: its guard keeps bitsandbytes from fetching kernel code from the hub
 import ipywidgets as widgets, traitlets
 from fastcore.basics import patch
 from transformers.hf_argparser import string_to_bool
@@ -289,7 +290,8 @@ def to_cli(self: ConfigForm) -> str:
 def to_args(self: ConfigForm, plan: bool = False): # a plan: the run is for another machine (no device check)
     "The `parse_args` namespace of the form's settings, validated as the command line is."
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers' deprecation notices, once per change, would drown the form
+        # transformers' deprecation notices, once per change, would drown the form: by category and the raising module
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.training_args$")
         return parse_args(self.to_cli_argv(), quiet=True, plan=plan)
 
 # %% ../nbs/10_widgets.ipynb #020b93c5
