@@ -17,6 +17,7 @@ __all__ = ['MIN_VOCAB', 'DEFAULT_PAD_TOKEN', 'INITIAL_ADAPTER', 'RESIDUAL_MODEL'
 import copy, json, math, shutil
 from pathlib import Path
 
+import qlora_nb  # before peft and transformers: its guard keeps bitsandbytes from fetching kernel code from the hub
 import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
@@ -27,7 +28,7 @@ from .checks import say
 from .config import ConfigError, moves_base_weights, require
 from .files import json_problem, write_json_atomic
 from .quant import check_model_source, load_base_model, uses_fsdp
-from .lora import attach_lora, fix_dtypes, make_lora_config, prepare_for_training
+from .lora import attach_lora, checkpointing_renames_ignored, fix_dtypes, make_lora_config, prepare_for_training
 
 # %% ../nbs/04_model.ipynb #affaa513
 MIN_VOCAB = 100
@@ -114,7 +115,7 @@ def initialised_model(args):
     "The unquantized base with new adapters of `--init_lora_weights`: peft moves each principal part into them."
     full = full_precision(args)
     base = load_base_model(full)
-    return get_peft_model(base, make_lora_config(full, base))
+    with checkpointing_renames_ignored(): return get_peft_model(base, make_lora_config(full, base))
 
 # %% ../nbs/04_model.ipynb #b2cd18aa
 def folder_bytes(folder) -> int: return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
@@ -185,7 +186,8 @@ def load_residual_and_tokenizer(args, run: Path) -> tuple:
 
 def attach_initial_adapter(model, args, run: Path, checkpoint_dir=None):
     "The initial adapter on the residual base, trainable; when resuming, with the checkpoint's weights."
-    model = PeftModel.from_pretrained(prepare_for_training(model, args), run/INITIAL_ADAPTER, is_trainable=True)
+    model = prepare_for_training(model, args)
+    with checkpointing_renames_ignored(): model = PeftModel.from_pretrained(model, run/INITIAL_ADAPTER, is_trainable=True)
     model.peft_config["default"].init_lora_weights = args.init_lora_weights  # what the checkpoints' adapters are
     if checkpoint_dir is not None:
         model.load_adapter(Path(checkpoint_dir)/"adapter_model", "default", is_trainable=True)
@@ -261,7 +263,8 @@ def trained_tokenizer(args) -> tuple: # (adapter folder or None, tokenizer, the 
 # %% ../nbs/04_model.ipynb #9e7bcbd9
 def load_adapter(model, adapter: Path):
     "`model` with the LoRA adapter of folder `adapter`, for inference; embeddings of another vocabulary are explained."
-    try: return PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    try:
+        with checkpointing_renames_ignored(): return PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except RuntimeError as e:
         if "size mismatch" not in str(e): raise
         rows = model.get_input_embeddings().weight.shape[0]

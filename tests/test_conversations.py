@@ -40,7 +40,7 @@ def test_train_on_conversations(chats, base, tmp_path):
     assert "using the shipped chatml chat template" in err and "<|im_start|>" in err  # the tokens it added, named
     curve = losses(out)
     print(curve)
-    assert sum(curve[-4:]) / 4 < 0.8 * sum(curve[:4]) / 4, curve
+    assert max(curve[-4:]) < min(curve[:4]), curve  # it learned: every late loss below every early one
     template = (out/"chat_template.jinja").read_text()
     for folder in (out, out/"checkpoint-12"):  # every tokenizer the run saved formats prompts as training did
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -20,6 +20,7 @@ from qlora_nb.quant import load_base_model
 from qlora_nb.model import INITIAL_ADAPTER, LORA_INIT, RESIDUAL_MODEL, load_base_and_tokenizer
 from transformers import AutoModelForCausalLM
 from peft import LoraConfig
+from qlora_nb.merge import logit_tolerance
 
 IDS = [[1, 20, 30, 40, 50, 60, 70, 80]]
 # Runs in the training process: the trained model's logits on IDS, in memory, before the adapter is saved
@@ -49,6 +50,11 @@ VARIANTS = {  # name: (flags, what adapter_config.json must say)
 def data(alpaca_file): return alpaca_file(24)
 
 
+def rounding(logits) -> float:
+    "How far two float32 forwards of one model may be apart at these logits (`qlora_nb.merge.logit_tolerance`)."
+    return logit_tolerance(torch.float32, logits.abs().max().item())
+
+
 def train(data, out, *flags, logits=None):
     rc, _, err = run_qlora_nb("train", *tiny_flags(data, out, *flags), prelude=SAVE_LOGITS if logits else "",
                               env={"LOGITS_FILE": str(logits)} if logits else None)
@@ -71,10 +77,10 @@ def test_variant_trains_saves_and_loads(variant, data, tmp_path):
     model = PeftModel.from_pretrained(base, out/"adapter_model").eval()
     with torch.no_grad(): logits = model(input_ids=torch.tensor(IDS)).logits
     trained = torch.load(tmp_path/"logits.pt")
-    assert (logits - trained).abs().max().item() <= 1e-5
+    assert (logits - trained).abs().max().item() <= rounding(trained)  # another process, maybe other threads
     earlier = PeftModel.from_pretrained(load_base_and_tokenizer(test_args)[0], out/"checkpoint-2"/"adapter_model").eval()
     with torch.no_grad(): logits2 = earlier(input_ids=torch.tensor(IDS)).logits
-    assert (logits2 - trained).abs().max().item() > 1e-4  # the step-2 adapter is not the trained one: the check can fail
+    assert (logits2 - trained).abs().max().item() > rounding(trained)  # the step-2 adapter is not the trained one
     assert count_parameters(model) == model.get_nb_trainable_parameters()
 
 
@@ -149,18 +155,19 @@ def test_residual_variant_saves_an_adapter_for_the_original_base(name, residual_
     assert record["lora_init"]["saved_rank"] == 8 and (record["lora_init"]["residual_bytes"] > 0) == (name == "qpissa")
     converted = logits_of(PeftModel.from_pretrained(full_base(data, out), out/"adapter_model"))
     if name != "qpissa":
-        assert (converted - trained).abs().max().item() <= 1e-5
+        assert (converted - trained).abs().max().item() <= rounding(trained)
         return
     # QPiSSA trained on the 4-bit residual. On the unquantized original the converted adapter computes exactly the raw
-    # adapter on the unquantized residual; from the trained model it differs by the residual's 4-bit error, of the size
-    # of the base's own 4-bit error (tiny random weights have no dominant singular directions to take out)
+    # adapter on the unquantized residual; the trained model is the raw adapter on the residual rounded to NF4, so the
+    # two differ by that rounding alone (a float32 forward of each, summed differently, on either side)
     raw = LoraConfig.from_pretrained(out/"checkpoint-4"/"adapter_model"); raw.init_lora_weights = True
     residual = full_base(data, out, out/RESIDUAL_MODEL)
     on_residual = PeftModel.from_pretrained(residual, out/"checkpoint-4"/"adapter_model", config=raw)
-    assert (converted - logits_of(on_residual)).abs().max().item() <= 1e-5
-    four_bit = load_base_and_tokenizer(parse_args(tiny_flags(data, out), quiet=True))[0]
-    error = (logits_of(four_bit) - logits_of(full_base(data, out))).abs().max().item()
-    assert 1e-4 < (converted - trained).abs().max().item() < 2 * error
+    assert (converted - logits_of(on_residual)).abs().max().item() <= rounding(trained)
+    stored = parse_args(tiny_flags(data, out), quiet=True); stored.model_name_or_path = str(out/RESIDUAL_MODEL)
+    on_nf4_residual = PeftModel.from_pretrained(load_base_model(stored), out/"checkpoint-4"/"adapter_model", config=raw)
+    assert (logits_of(on_nf4_residual) - trained).abs().max().item() <= rounding(trained)  # what training computed
+    assert (converted - trained).abs().max().item() > rounding(trained)  # the residual's NF4 rounding shows
 
 
 @pytest.mark.parametrize("name", ["olora", "qpissa"])
@@ -187,7 +194,7 @@ def test_residual_variant_merges(name, into, residual_runs, data, tmp_path):
     assert rc == 0, err[-3000:]
     merged = logits_of(AutoModelForCausalLM.from_pretrained(tmp_path/"m"))
     on_base = logits_of(PeftModel.from_pretrained(full_base(data, out), out/"adapter_model"))
-    assert (merged - on_base).abs().max().item() <= 1e-4
+    assert (merged - on_base).abs().max().item() <= rounding(on_base)  # the merge's promise (qlora_nb.merge)
 
 
 @pytest.mark.parametrize("command", ["mmlu", "chat"])

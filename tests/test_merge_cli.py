@@ -81,7 +81,7 @@ def test_merge_matches_the_4bit_model_with_its_adapter(runs, tmp_path):
     report = json.loads((merged/"merge_report.json").read_text())
     models = report["models"]
     assert models["b"]["max_logit_diff"] <= report["tolerance"], report
-    assert models["c"]["max_logit_diff"] > 100 * models["b"]["max_logit_diff"], report
+    assert models["c"]["max_logit_diff"] > report["tolerance"], report  # the original weights: more than rounding
     config = json.loads((merged/"config.json").read_text())
     assert (config["vocab_size"], config["pad_token_id"]) == (513, 512)
     assert (merged/"tokenizer.json").is_file() and not list(tmp_path.glob(".*"))
@@ -107,13 +107,18 @@ def test_original_merge_is_off_by_the_quantization_error(runs, tmp_path):
          safe_open(str(Path(base)/"model.safetensors"), framework="pt") as original:
         for name, m in layers.items():
             w4 = m.base_layer.weight
-            trained_against = bnbF.dequantize_4bit(w4.data, w4.quant_state) + m.get_delta_weight("default")  # peft's delta
-            quant_error = original.get_tensor(name) - bnbF.dequantize_4bit(w4.data, w4.quant_state)
-            off = merged.get_tensor(name) - trained_against
-            assert float((off - quant_error).abs().max()) < 1e-6, name  # off by exactly the quantization error
-            assert float(quant_error.abs().max()) > 1e-3, name
-    got = float((logits_without_peft(tmp_path/"orig") - logits_4bit_with_adapter(run, base)).abs().max())
-    assert got > 100 * logit_tolerance(torch.float32, 1.0), got  # at the logits: far more than rounding
+            dequantized = bnbF.dequantize_4bit(w4.data, w4.quant_state).double()
+            delta = m.get_delta_weight("default").double()  # peft's delta
+            quant_error = original.get_tensor(name).double() - dequantized  # in float64: exactly
+            off = merged.get_tensor(name).double() - (dequantized + delta)
+            # off by exactly the quantization error, but for the merge's float32 sum W + delta (one rounding, at most
+            # 2**-24 of the result) and its float32 delta, which may round differently from peft's (2 * 2**-24 of it)
+            rounding = 2 ** -24 * (merged.get_tensor(name).double().abs() + 2 * delta.abs())
+            assert ((off - quant_error).abs() <= rounding).all(), name
+            assert (quant_error.abs() > rounding).any(), name  # and the check can fail
+    want = logits_4bit_with_adapter(run, base)
+    got = float((logits_without_peft(tmp_path/"orig") - want).abs().max())
+    assert got > logit_tolerance(torch.float32, float(want.abs().max())), got  # at the logits: more than rounding
 
 
 def test_tied_multi_shard_base_bf16(runs, tmp_path):
@@ -129,8 +134,9 @@ def test_tied_multi_shard_base_bf16(runs, tmp_path):
     assert json.loads((merged/"config.json").read_text())["tie_word_embeddings"] is True
     report = json.loads((merged/"merge_report.json").read_text())
     assert report["dtype"] == "bfloat16" and report["models"]["b"]["max_logit_diff"] <= report["tolerance"], report
-    err = float((logits_without_peft(merged) - logits_4bit_with_adapter(run, base)).abs().max())
-    assert 1e-5 < err <= report["tolerance"], err  # bfloat16 rounding shows, within its bound
+    want = logits_4bit_with_adapter(run, base)
+    err = float((logits_without_peft(merged) - want).abs().max())
+    assert logit_tolerance(torch.float32, float(want.abs().max())) < err <= report["tolerance"], err  # bfloat16 shows
 
 
 def test_a_trained_head_is_never_replaced_by_the_embeddings(runs, tmp_path):
