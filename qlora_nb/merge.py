@@ -19,6 +19,7 @@ __all__ = ['QUANT_DEFAULTS', 'ADAPTER_WEIGHTS', 'UNSUPPORTED', 'PEFT_PREFIX', 'M
            'parse_merge_args', 'merge_main']
 
 # %% ../nbs/09c_merge.ipynb #75e54fa9
+import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
 import argparse, json, math, os, re, shutil, sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,8 +412,10 @@ def _device_map() -> dict: return {"": 0} if torch.cuda.is_available() else {"":
 
 def _with_adapter(model, adapter: Path, rows: int):
     from peft import PeftModel
+    from qlora_nb.lora import checkpointing_renames_ignored
     if model.get_input_embeddings().weight.shape[0] != rows: model.resize_token_embeddings(rows, mean_resizing=False)
-    return PeftModel.from_pretrained(model, adapter).eval()  # the saved rows replace the resized ones
+    with checkpointing_renames_ignored():  # peft reads transformers' renamed is_gradient_checkpointing
+        return PeftModel.from_pretrained(model, adapter).eval()  # the saved rows replace the resized ones
 
 def base_as_trained(plan: MergePlan, base: Path):
     "The base as the run loaded it: quantized with the run's settings, the CPU 4-bit guard on."

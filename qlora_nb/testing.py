@@ -10,6 +10,7 @@ __all__ = ['SHORT_RUN', 'BF16_UNIT_ROUNDOFF', 'AVX512BF16_ROUNDS', 'STAND_IN_ROU
            'bf16_4bit_product', 'product_tolerance', 'bf16_error_bound', 'check_4bit_product', 'loss_tolerance']
 
 # %% ../nbs/97_testing.ipynb #b38fbe77
+import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
 import contextlib
 
 import torch
