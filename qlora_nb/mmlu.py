@@ -14,6 +14,7 @@ __all__ = ['MMLU_LETTERS', 'MMLU_FILES', 'HUB_SPLITS', 'check_mmlu_choice', 'mml
            'set_mmlu_chat_template']
 
 # %% ../nbs/07_mmlu.ipynb #00fb38d0
+import qlora_nb  # first: its guard keeps bitsandbytes from fetching kernel code when transformers loads it
 import functools, itertools, json, os
 from pathlib import Path
 
