@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qlora_nb.demo import BASE_SUBJECTS, NEW_SUBJECT, PROMISE, loss_before_after, promise_margins  # noqa: E402
+from bench_train import write_results  # the one writer of bench/RESULTS.md's generated sections  # noqa: E402
 
 WORK = ROOT/"bench"/"_work"/"demo"
-RESULTS = ROOT/"bench"/"RESULTS.md"
 MARK_START, MARK_END = "<!-- bench_demo:start -->", "<!-- bench_demo:end -->"
 CAPABILITIES = ["default", "avx2", "avx512"]
 
@@ -124,16 +124,6 @@ def table(rows: list) -> str:
     return "\n".join(lines + ["", MARK_END])
 
 
-def write_results(section: str):
-    "Replace this benchmark's section of bench/RESULTS.md (other sections are kept)."
-    old = RESULTS.read_text()
-    if MARK_START in old and MARK_END in old:
-        head, rest = old.split(MARK_START, 1)
-        new = head + section + rest.split(MARK_END, 1)[1]
-    else: new = old.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(new)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--capabilities", default=",".join(CAPABILITIES), help="ATEN_CPU_CAPABILITY values, comma-separated")
@@ -146,7 +136,7 @@ def main(argv=None):
     (WORK/"results.json").write_text(json.dumps(rows, indent=1))
     section = table(rows)
     print(section)
-    if not opts.no_write: write_results(section)
+    if not opts.no_write: write_results(section, MARK_START, MARK_END)
     return 0 if all(not r["rc"] and min(with_margins(r)["margins"].values()) > 0 for r in rows) else 1
 
 

@@ -438,12 +438,12 @@ def report(all_results: dict, opts, load_at_start) -> str:
     return "\n".join(lines + [MARK_END])
 
 
-def write_results(section: str):
-    "Replace this benchmark's section of bench/RESULTS.md (other sections are kept)."
+def write_results(section: str, start: str = MARK_START, end: str = MARK_END):
+    "Replace a benchmark's section of bench/RESULTS.md, between its `start` and `end` marks (other sections are kept)."
     old = RESULTS.read_text() if RESULTS.exists() else "# qlora_nb benchmark results\n"
-    if MARK_START in old and MARK_END in old:
-        head, rest = old.split(MARK_START, 1)
-        new = head + section + rest.split(MARK_END, 1)[1]
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + section + rest.split(end, 1)[1]
     else: new = old.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(new)
 
