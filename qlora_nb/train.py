@@ -327,21 +327,6 @@ def unpinned_batches_quiet():
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\.data\.dataloader$")
         yield
 
-@patch
-def train(self: QLoRATrainer, *args, **kwargs):
-    "transformers' training loop, without torch's warning about unpinned batches."
-    with unpinned_batches_quiet(): return Seq2SeqTrainer.train(self, *args, **kwargs)
-
-@patch
-def evaluate(self: QLoRATrainer, *args, **kwargs):
-    "transformers' evaluation loop, without torch's warning about unpinned batches."
-    with unpinned_batches_quiet(): return Seq2SeqTrainer.evaluate(self, *args, **kwargs)
-
-@patch
-def predict(self: QLoRATrainer, *args, **kwargs):
-    "transformers' prediction loop, without torch's warning about unpinned batches."
-    with unpinned_batches_quiet(): return Seq2SeqTrainer.predict(self, *args, **kwargs)
-
 # %% ../nbs/08_train.ipynb #80cf1379
 def reset_peak_memory(device: torch.device):
     "Start the peaks afresh: `device`'s CUDA counters and, on Linux, the process's RSS high-water mark."
@@ -381,7 +366,9 @@ def run_training(trainer, checkpoint=None) -> dict:
     reset_peak_memory(trainer.args.device)  # metrics.json records the training's peak, not the loading's
     if checkpoint is not None and training_done(checkpoint, trainer.args):
         metrics = finish_training(trainer, checkpoint)
-    else: metrics = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint)).metrics
+    else:
+        with unpinned_batches_quiet():
+            metrics = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint)).metrics
     if trainer.is_fsdp_enabled:  # gather the sharded weights, so rank 0 can write the adapter as one peft folder
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()  # output_dir/adapter_model/
@@ -392,7 +379,7 @@ def run_training(trainer, checkpoint=None) -> dict:
 # %% ../nbs/08_train.ipynb #4242afc4
 def run_evaluation(trainer) -> dict:
     "Evaluate on the eval split; returns the eval metrics."
-    metrics = trainer.evaluate(metric_key_prefix="eval")
+    with unpinned_batches_quiet(): metrics = trainer.evaluate(metric_key_prefix="eval")
     trainer.log_metrics("eval", metrics)
     return metrics
 
