@@ -9,9 +9,9 @@ __all__ = ['MIN_VOCAB', 'DEFAULT_PAD_TOKEN', 'INITIAL_ADAPTER', 'RESIDUAL_MODEL'
            'smart_tokenizer_and_embedding_resize', 'add_missing_pad_token', 'fix_llama_special_tokens', 'is_llama',
            'load_base_and_tokenizer', 'full_precision', 'initialised_model', 'folder_bytes', 'write_lora_init',
            'subtract_initial', 'lora_init_notice', 'residual_run', 'load_residual_and_tokenizer',
-           'attach_initial_adapter', 'get_accelerate_model', 'save_trained_adapter', 'find_adapter',
-           'check_original_base_adapter', 'run_tokenizer_folder', 'base_tokenizer', 'trained_tokenizer', 'load_adapter',
-           'load_trained_model']
+           'attach_initial_adapter', 'complete_generation_config', 'get_accelerate_model', 'save_trained_adapter',
+           'find_adapter', 'check_original_base_adapter', 'run_tokenizer_folder', 'base_tokenizer', 'trained_tokenizer',
+           'load_adapter', 'load_trained_model']
 
 # %% ../nbs/04_model.ipynb #ee60244c
 import copy, json, math, shutil
@@ -194,6 +194,17 @@ def attach_initial_adapter(model, args, run: Path, checkpoint_dir=None):
     model.initial_adapter = run/INITIAL_ADAPTER  # what the final save converts against (`save_trained_adapter`)
     return model
 
+# %% ../nbs/04_model.ipynb #cdab7d84
+def complete_generation_config(generation, # the run's `GenerationConfig`, from the generation flags
+                               model, tokenizer):
+    "Give the run's generation settings the model's own bos/eos/pad ids (the tokenizer's where the model has none)."
+    own = model.generation_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(generation, name) is None:
+            mine = getattr(own, name, None) if own is not None else None
+            setattr(generation, name, mine if mine is not None else getattr(tokenizer, name))
+    return generation
+
 # %% ../nbs/04_model.ipynb #75fafbb4
 def get_accelerate_model(args, # `qlora_nb.config.parse_args` result
                          checkpoint_dir=None, # a checkpoint-N folder whose adapter_model/ to reload, trainable
@@ -202,6 +213,8 @@ def get_accelerate_model(args, # `qlora_nb.config.parse_args` result
     run = residual_run(args, checkpoint_dir)  # PiSSA/OLoRA training: the folder of its residual base (below)
     model, tokenizer = load_base_and_tokenizer(args) if run is None else load_residual_and_tokenizer(args, run)
     if prepare is not None: prepare(tokenizer, model)  # tokens it adds get their embedding rows before LoRA wraps them
+    generation = getattr(getattr(args, "training_args", None), "generation_config", None)
+    if generation is not None: complete_generation_config(generation, model, tokenizer)
     if run is None: model = attach_lora(model, args, checkpoint_dir)
     else: model = attach_initial_adapter(model, args, run, checkpoint_dir)
     model = fix_dtypes(model, args)
