@@ -20,7 +20,7 @@ from transformers import TextStreamer
 
 from .checks import ConfigError, require
 from .config import CHAT_TEMPLATES, parse_args
-from .model import load_trained_model, trained_tokenizer
+from .model import adapter_weights_file, load_trained_model, trained_tokenizer
 from .predict import generation_config_for
 from .templates import fit_conversation, prompt_ids, read_chat_template, use_chat_template
 
@@ -55,6 +55,7 @@ def parse_chat_args(argv: list):
 def load_chat_model(args) -> tuple:
     "(model, tokenizer, template description): the base as for training, the run's tokenizer and template, its adapter."
     adapter, tokenizer, folder = trained_tokenizer(args)  # both before the minutes a large model takes
+    if adapter is not None: adapter_weights_file(adapter)  # whole? as merge asks it, not peft's traceback later
     description, template = read_chat_template(args.chat_template, tokenizer)
     if folder and args.chat_template is None:
         description = f"the chat template saved with the run's tokenizer in {folder}"

@@ -11,10 +11,10 @@ __all__ = ['FORMATTERS', 'ALPACA_PROMPT_DICT', 'CHIP2_BOT', 'ROLES', 'TOOL_CALL_
            'check_turn', 'check_messages', 'chat_messages', 'sharegpt_turn', 'sharegpt', 'split_dialogue', 'hh_rlhf',
            'hh_rlhf_qlora', 'oasst1', 'oasst1_qlora', 'extract_unnatural_instructions_data', 'unnatural_instructions',
            'detect_format', 'locate', 'first_bad_value', 'check_columns', 'resolve_format', 'format_split',
-           'format_dataset', 'local_dataset', 'hub_dataset', 'load_data']
+           'format_dataset', 'utf8_problem', 'check_data_file', 'local_dataset', 'hub_dataset', 'load_data']
 
 # %% ../nbs/05_formatters.ipynb #ad7423a8
-import csv, inspect, json, logging, re
+import codecs, csv, inspect, json, logging, re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -274,7 +274,7 @@ def detect_format(columns: list, # the data set's column names
 SUPPORTED_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 def _is_json_lines(path) -> bool:
-    with open(path) as f: return f.read(4096).lstrip()[:1] != "["
+    with open(path, "rb") as f: return f.read(4096).lstrip()[:1] != b"["  # bytes: any encoding
 
 def locate(source, # a local file path, or any other description of the data
            index: int) -> str: # the record's index in the data set
@@ -436,16 +436,53 @@ def _first_bad_csv_row(path) -> str | None:
             n_rows += bool(row)
     if n_rows == 0: return "the file holds no records under its header; expected at least one"
 
+# %% ../nbs/05_formatters.ipynb #366de92f
+def _not_utf8(data: bytes, e: UnicodeDecodeError, done: int, lines: int, line_start: int) -> str:
+    "The error `e` in block `data` (which starts at byte `done`, after `lines` line breaks) in words."
+    nl, line = data.rfind(b"\n", 0, e.start), lines + data.count(b"\n", 0, e.start) + 1
+    column = e.start - nl if nl >= 0 else done + e.start - line_start + 1
+    return (f"line {line}, column {column} (offset {done + e.start} in the file): "
+            f"0x{data[e.start]:02x} is not UTF-8 text; the file is in another encoding (Latin-1 or Windows-1252, "
+            "perhaps). Re-save it as UTF-8 (in an editor, or `iconv -f latin1 -t utf-8 OLD > NEW`)")
+
+def utf8_problem(path, block: int = 1 << 24) -> str | None:
+    "Where file `path` stops being UTF-8 text, in words (line, column, byte); None when all of it is UTF-8."
+    done = lines = line_start = 0; rest = b""  # bytes checked, line breaks in them, where the last line starts
+    with open(path, "rb") as f:
+        while True:
+            data = rest + (chunk := f.read(block))
+            try: used = codecs.utf_8_decode(data, "strict", not chunk)[1]  # not final: an unfinished character waits
+            except UnicodeDecodeError as e: return _not_utf8(data, e, done, lines, line_start)
+            if (nl := data.rfind(b"\n", 0, used)) >= 0: line_start = done + nl + 1
+            lines, done, rest = lines + data.count(b"\n", 0, used), done + used, data[used:]
+            if not chunk: return None
+
+# %% ../nbs/05_formatters.ipynb #7d0745ea
+def _folder_hint(folder: Path, flag: str) -> str:
+    "What to give instead of `folder`: the data files in it, if any."
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in SUPPORTED_EXTENSIONS and p.is_file())
+    if not found: return f"it holds no {'/'.join(SUPPORTED_EXTENSIONS)} file"
+    return f"it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}: give one, as {flag} {folder/found[0]}"
+
+def check_data_file(path: Path, # the file a flag names
+                    flag: str = "--dataset"): # that flag, for the messages
+    "Refuse what the parser should never see: a folder, a type it cannot read, no file, an empty one, not UTF-8."
+    if path.is_dir():  # the hint lists the folder: only for a folder
+        raise ConfigError(f"{path} is a folder, not a file: {flag} takes one data file ({_folder_hint(path, flag)}).")
+    require(path.suffix in SUPPORTED_EXTENSIONS, f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+            f"{flag} takes a data set name ({', '.join(HUB_DATASETS)}) or a {'/'.join(SUPPORTED_EXTENSIONS)} file.")
+    require(path.is_file(),
+            f"{path}: no such file. Check the path given to {flag} (relative paths start in {Path.cwd()}).")
+    require(path.stat().st_size > 0, f"{path}: the file is empty; expected at least one record.")
+    if path.suffix != ".parquet": require((problem := utf8_problem(path)) is None, f"{path}: {problem}.")
+
 # %% ../nbs/05_formatters.ipynb #d4408f9e
 def local_dataset(path, # a .json, .jsonl, .csv, .tsv or .parquet file
-                  cache_dir=None) -> DatasetDict: # where `datasets` caches the parsed file
+                  cache_dir=None, # where `datasets` caches the parsed file
+                  flag: str = "--dataset") -> DatasetDict: # the flag that named the file, for the messages
     "A local file as a `DatasetDict` with one `train` split, checked for the problems users hit."
     path = Path(path)
-    require(path.suffix in SUPPORTED_EXTENSIONS, f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
-            f"--dataset takes a data set name ({', '.join(HUB_DATASETS)}) or a {'/'.join(SUPPORTED_EXTENSIONS)} file.")
-    require(path.is_file(),
-            f"{path}: no such file. Check the path given to --dataset (relative paths start in {Path.cwd()}).")
-    require(path.stat().st_size > 0, f"{path}: the file is empty; expected at least one record.")
+    check_data_file(path, flag)
     try: data = load_dataset(**_load_kwargs(path), data_files=str(path), split="train", cache_dir=cache_dir)
     except ConfigError: raise
     except Exception as e:
@@ -472,10 +509,11 @@ def hub_dataset(name: str, cache_dir=None) -> DatasetDict:
     except OSError as e: raise ConfigError(_offline_help(name, spec, e)) from None  # ConnectionError, not found, ...
 
 def load_data(name: str, # a name in `HUB_DATASETS` or a local file
-              args=None) -> DatasetDict: # the parsed settings (for `cache_dir`)
+              args=None, # the parsed settings (for `cache_dir`)
+              flag: str = "--dataset") -> DatasetDict: # the flag that named it (merge's --eval_data), for the messages
     "The raw data set `--dataset` names, as a `DatasetDict` (qlora.py's `load_data`)."
     cache_dir = getattr(args, "cache_dir", None)
     if name in HUB_DATASETS: return hub_dataset(name, cache_dir)
     require(Path(name).suffix != "" or Path(name).exists(), f"Unknown data set {name!r}. Known names: "
             f"{', '.join(HUB_DATASETS)}; or give a local {'/'.join(SUPPORTED_EXTENSIONS)} file.")
-    return local_dataset(name, cache_dir)
+    return local_dataset(name, cache_dir, flag)

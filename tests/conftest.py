@@ -34,16 +34,17 @@ def tiny_flags(data, out, *more, **overrides) -> list:
 CTRL_C_REACHES = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
 
 
-def start_qlora_nb(*args, prelude: str = "", env: dict | None = None, stdin=None) -> subprocess.Popen:
+def start_qlora_nb(*args, prelude: str = "", env: dict | None = None, stdin=None, wrap: list = ()) -> subprocess.Popen:
     "`python -m qlora_nb ARGS` as a child process; `prelude` is Python run first in that process (to patch it)."
+    # wrap: a command the child runs under (`unshare ...`: as another user, or with a read-only mount)
     code = prelude + "\nimport sys, runpy; sys.argv = ['qlora_nb'] + sys.argv[1:]; runpy.run_module('qlora_nb', run_name='__main__')"
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})}, text=True,
-                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([*wrap, sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
+                            text=True, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def run_qlora_nb(*args, timeout: float = 300, prelude: str = "", env: dict | None = None) -> tuple:
+def run_qlora_nb(*args, timeout: float = 300, prelude: str = "", env: dict | None = None, wrap: list = ()) -> tuple:
     "Run `python -m qlora_nb ARGS` to the end; returns (exit status, stdout, stderr)."
-    proc = start_qlora_nb(*args, prelude=prelude, env=env)
+    proc = start_qlora_nb(*args, prelude=prelude, env=env, wrap=wrap)
     try: out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill(); out, err = proc.communicate()
