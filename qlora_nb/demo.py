@@ -9,8 +9,9 @@ __all__ = ['CHARACTER_CLASSES', 'SUBJECTS', 'BASE_SUBJECTS', 'NEW_SUBJECT', 'DEM
            'QUIET_WARNINGS', 'QUICK', 'GRID_FLAGS', 'GRID', 'GRID_RECORD', 'distractor_classes', 'choice_question',
            'choice_questions', 'instruction_pairs', 'write_demo_data', 'pretrain_questions', 'DemoSizes',
            'pretrain_flags', 'pretrained_base', 'finetune_flags', 'mmlu_flags', 'evaluate', 'loss_before_after',
-           'save_plots', 'summary', 'record_demo', 'promise_margins', 'demo_problems', 'parse_demo_args', 'run_demo',
-           'demo_main', 'cached_demo_run', 'grid_overrides', 'demo_data', 'grid_run', 'cached_grid_run']
+           'save_plots', 'summary', 'record_demo', 'promise_margins', 'output_problems', 'demo_problems',
+           'parse_demo_args', 'run_demo', 'demo_main', 'cached_demo_run', 'grid_overrides', 'demo_data', 'grid_run',
+           'cached_grid_run']
 
 # %% ../nbs/12_demo.ipynb #b55ca463
 import argparse, hashlib, json, os, random, sys, time, warnings
@@ -232,13 +233,17 @@ def promise_margins(before: dict, after: dict, losses: tuple) -> dict:
             "loss fall": losses[0] / losses[1] - PROMISE["loss_falls_by"]}
 
 # %% ../nbs/12_demo.ipynb #0c2b7c06
+def output_problems(out, files: list, log: str, finished: str) -> list:
+    "A demo's folder `out` without one of `files`, a .png that is not a PNG image, or `log` without the line `finished`."
+    found = [f"{name} is missing" for name in files if not (Path(out)/name).is_file()]
+    if found: return found
+    found += [f"{p.name} is not a PNG image" for p in Path(out).glob("*.png") if p.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"]
+    return found + ([] if finished in log else [f"the summary ('{finished} ...') was not printed"])
+
 def demo_problems(out, log: str) -> list:
     "What is wrong with the finished demo in folder `out` that printed `log`: one line per problem, [] if none."
     out = Path(out)
-    found = [f"{name} is missing" for name in DEMO_FILES if not (out/name).is_file()]
-    if found: return found
-    found += [f"{p.name} is not a PNG image" for p in out.glob("*.png") if p.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"]
-    if "QLoRA demo finished" not in log: found.append("the summary ('QLoRA demo finished ...') was not printed")
+    if found := output_problems(out, DEMO_FILES, log, "QLoRA demo finished"): return found
     before, after = (json.loads((out/n).read_text()) for n in ("mmlu_eval_before.json", "mmlu_eval.json"))
     losses = loss_before_after(json.loads((out/"trainer_state.json").read_text()))
     found += [f"{name}: {margin:+.2f} from the promise {PROMISE}" for name, margin

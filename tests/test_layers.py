@@ -19,7 +19,7 @@ LAYERS = [
     {"label_loss", "predict"}, {"train"},  # training
     {"chat", "merge"},                   # after training: talk to the result, merge it into a standalone model
     {"memory", "tiny"},                  # the face: the memory plan; tiny builds the demo's model and the test fixtures
-    {"plots"}, {"widgets", "demo"}, {"cli", "testing"},
+    {"plots"}, {"widgets", "demo"}, {"real_demo"}, {"cli", "testing"},  # real_demo: the README demo on SmolLM2
 ]
 FIXTURES = {"tiny", "testing"}  # what tests stand on
 MAY_IMPORT_FIXTURES = {"demo", "testing"}  # the demo runs on a tiny model it builds; test helpers build on fixtures

@@ -1,4 +1,4 @@
-"""`qlora-nb demo` as the README runs it: offline, a real process, and it must show learning. Several minutes on a
+"""`qlora-nb demo --tiny` (the tiny offline demo) as a newcomer runs it: offline, a real process, and it must show learning. Several minutes on a
 busy CPU (the base model is pretrained on first use), so it is marked slow and runs only with QLORA_NB_SLOW=1
 (`QLORA_NB_SLOW=1 python -m pytest tests/test_train_demo.py`). A bad flag is checked quickly, always."""
 import os
@@ -21,6 +21,6 @@ def test_demo_rejects_unknown_flags(tmp_path):
 @pytest.mark.skipif(not os.environ.get("QLORA_NB_SLOW"), reason="slow: set QLORA_NB_SLOW=1 to run the full demo")
 def test_demo_shows_learning(tmp_path):
     out = tmp_path/"demo"
-    rc, stdout, err = qlora_nb("demo", "--output_dir", str(out))
+    rc, stdout, err = qlora_nb("demo", "--tiny", "--output_dir", str(out))
     assert rc == 0, err[-3000:]
     assert demo_problems(out, stdout) == []  # what CI checks after the README's demo command (scripts/check_demo.py)
