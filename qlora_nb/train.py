@@ -519,5 +519,7 @@ def train(argv=None) -> dict | None:
 
 def train_main(argv=None) -> int:
     "`qlora-nb train`: run `train` and return the exit status (bad settings raise `ConfigError`: exit 2)."
-    train(argv)
+    try: train(argv)
+    finally:  # under torchrun: leave the process group before exit, or gloo's threads can race the interpreter's teardown
+        if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     return 0
