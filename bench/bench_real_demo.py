@@ -1,6 +1,6 @@
 """The real-model demo under torch's CPU kernel sets, thread counts and seeds: does its promise hold, and by how much?
 
-    python bench/bench_real_demo.py --model /tmp/smol/model                  # 3 kernel sets x 1, 2 threads x 3 seeds
+    python bench/bench_real_demo.py --model "$(qlora-nb get-model)"           # 3 kernel sets x 1, 2 threads x 3 seeds
     python bench/bench_real_demo.py --model M --settings avx512-t2-s0 avx2-t1-s1 default-t1-s2   # chosen settings
 
 Each setting runs `qlora_nb.real_demo.real_demo_main` in its own process (`python -c`, so the CLI's wiring does not
