@@ -86,18 +86,21 @@ def convert_gguf(path, # a .gguf file
     align_special_tokens(model, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out); tokenizer.save_pretrained(out)
-    write_json_atomic(out/SOURCE_FILE, {"gguf": str(path.resolve()), "gguf_sha256": file_sha256(path),
-                                        "architecture": arch, **(source or {})})
+    source = {"gguf": str(path.resolve()), "architecture": arch, **(source or {})}
+    source.setdefault("gguf_sha256", file_sha256(path))  # a caller that hashed the file already passes it
+    write_json_atomic(out/SOURCE_FILE, source)
     return out
 
 # %% ../nbs/01b_sources.ipynb #67acb35a
-def gguf_cache_folder(path) -> Path:
+def gguf_cache_folder(path, digest: str) -> Path: # digest: the file's sha256
     "The cache folder a GGUF file converts into: one per file content."
-    return cache_dir()/"gguf"/f"{Path(path).stem}-{file_sha256(path)[:12]}"
+    return cache_dir()/"gguf"/f"{Path(path).stem}-{digest[:12]}"
 
 def gguf_model_folder(path) -> Path:
-    "The ordinary model folder of GGUF file `path`, converted on first use."
-    return build_once(gguf_cache_folder(path), lambda work: convert_gguf(path, work), done=SOURCE_FILE)
+    "The ordinary model folder of GGUF file `path`, converted on first use (the file is read once for its digest)."
+    digest = file_sha256(path)
+    return build_once(gguf_cache_folder(path, digest),
+                      lambda work: convert_gguf(path, work, source={"gguf_sha256": digest}), done=SOURCE_FILE)
 
 def resolve_gguf(args):
     "Point `args.model_name_or_path` at the converted folder when the flags name a GGUF file (which `args.gguf_source` keeps)."
