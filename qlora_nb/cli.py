@@ -6,7 +6,7 @@ Docs: https://qlora-nb.github.io/qlora_nb/cli.html.md"""
 
 # %% auto #0
 __all__ = ['COMMANDS', 'DEMO_USAGE', 'DEMO_FLAGS', 'MMLU_USAGE', 'usage', 'split_command', 'load_command_function',
-           'load_command', 'demo_command', 'flag_table_path', 'flag_table', 'config_keys', 'answer_early',
+           'load_command', 'demo_command', 'flag_table_path', 'cached_flag_table', 'config_keys', 'answer_early',
            'interrupted_message', 'main', 'parse_mmlu_args', 'mmlu_main']
 
 # %% ../nbs/13_cli.ipynb #7d4197bd
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import qlora_nb
 from . import __version__
-from .checks import ConfigError, flag_names, reject_unknown, require, say, split_config
+from .checks import ConfigError, flag_names, moved_names, reject_unknown, require, say, split_config
 from .files import cache_dir, list_checkpoints, write_json_atomic
 
 # %% ../nbs/13_cli.ipynb #aac55cc1
@@ -98,7 +98,7 @@ def flag_table_path() -> Path:
     key.update(importlib.metadata.version("transformers").encode())
     return cache_dir()/f"flags-{key.hexdigest()[:16]}.json"
 
-def flag_table() -> dict:
+def cached_flag_table() -> dict:
     "`{names, help}` of `qlora-nb train`: from the cache, else from `qlora_nb.config` (and then kept in the cache)."
     path = flag_table_path()
     try: return json.loads(path.read_text())
@@ -107,6 +107,9 @@ def flag_table() -> dict:
     try: write_json_atomic(path, table)
     except OSError: pass  # a read-only cache folder: build it each time
     return table
+
+# its old name, which config.flag_table (the builder) also has
+__getattr__ = moved_names(__name__, {"flag_table": "qlora_nb.cli:cached_flag_table"})
 
 # %% ../nbs/13_cli.ipynb #59a1c859
 def config_keys(path) -> list:
@@ -119,7 +122,7 @@ def config_keys(path) -> list:
 def answer_early(name: str, argv: list) -> bool:
     "Answer `train --help` and refuse unknown `train` flags and config-file keys from the flag table; True if answered."
     if name != "train": return False
-    table = flag_table()
+    table = cached_flag_table()
     if "-h" in argv or "--help" in argv: print(table["help"]); return True
     config, argv = split_config(argv)
     reject_unknown(flag_names(argv), set(table["names"]))

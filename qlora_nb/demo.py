@@ -21,7 +21,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 import qlora_nb
-from .config import ConfigError, require, parse_args
+from .checks import ConfigError, require
+from .config import parse_args
 from .files import build_once, cache_dir, write_json_atomic, write_jsonl_atomic
 from .tiny import tiny_model_path
 from .formatters import ALPACA_PROMPT_DICT

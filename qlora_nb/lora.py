@@ -22,7 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-from .config import ConfigError, check_lora_init, comma_list, require
+from .checks import ConfigError, require
+from .config import check_lora_init, comma_list
 from .quant import load_dtype, uses_fsdp
 
 # %% ../nbs/03_lora.ipynb #8094a1e4

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, TrainerCallback
 
-from .config import CHAT_TEMPLATES, MMLU_DATASETS, MMLU_SPLITS, ConfigError, parse_args, require
+from .checks import ConfigError, require
+from .config import CHAT_TEMPLATES, MMLU_DATASETS, MMLU_SPLITS, parse_args
 from .data import encode_sources, pad_to_longest
 from .model import find_adapter, load_trained_model, run_tokenizer_folder, trained_tokenizer
 from .templates import missing_template_tokens, read_chat_template, render_conversation, use_chat_template

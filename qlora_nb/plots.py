@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, require
+from .checks import ConfigError, require
 from .files import list_checkpoints
 from .memory import byte_unit, estimate_memory
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import require
+from .checks import require
 from .data import DataCollatorForCausalLM
 from .files import write_jsonl_atomic
 from .templates import conversation_prompt, end_of_turn_id

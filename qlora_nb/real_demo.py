@@ -21,7 +21,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from .config import require
+from .checks import require
 from .chat import chat_generation_config, load_chat_model, parse_chat_args
 from .data import pad_to_longest
 from .demo import QUIET_WARNINGS, loss_before_after, output_problems

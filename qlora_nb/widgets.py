@@ -21,9 +21,10 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
-from .config import (ARG_CLASSES, DATASET_NAMES, ConfigError, DERIVED_FIELDS, DataArguments,
+from .checks import ConfigError, require
+from .config import (ARG_CLASSES, DATASET_NAMES, DERIVED_FIELDS, DataArguments,
                              GenerationArguments, ModelArguments, TrainingArguments, arg_value, args_values,
-                             cli_tokens, default_arg_values, parse_args, read_yaml, require, save_yaml, to_yaml)
+                             cli_tokens, default_arg_values, parse_args, read_yaml, save_yaml, to_yaml)
 from .memory import (estimate_memory, find_model_config, fit_summary, load_model_config, memory_table_html,
                              popular_models)
 

@@ -5,7 +5,7 @@ run folder read back as trainer_state.json's log history."""
 import json, os, shutil, subprocess
 
 import pytest
-from conftest import listing, run_qlora_nb, tiny_flags
+from helpers import listing, run_qlora_nb, tiny_flags
 from qlora_nb.tiny import tiny_model_path
 
 # run first in each child: any model loaded fails the test (every check here needs only files)

@@ -3,7 +3,7 @@ are one `qlora-nb: error: ...` line with status 2, never a traceback."""
 import signal, subprocess, sys, time
 
 import pytest
-from conftest import CTRL_C_REACHES, ENV, ROOT, run_qlora_nb, start_qlora_nb
+from helpers import CTRL_C_REACHES, ENV, ROOT, run_qlora_nb, start_qlora_nb
 from qlora_nb.tiny import tiny_model_path
 
 FAST = ["--max_new_tokens", "8"]  # the tiny model, a few tokens a reply: seconds, most of them imports

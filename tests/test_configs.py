@@ -9,7 +9,7 @@ import pytest
 
 from qlora_nb.config import parse_args, read_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CONFIGS = sorted((ROOT/"qlora_nb"/"configs").glob("*.yaml"))
 RUN_CONFIGS = [p for p in CONFIGS if p.read_text().startswith("# qlora-nb train --config ")]
 LAUNCH_CONFIGS = [p for p in CONFIGS if p.read_text().startswith("# accelerate launch --config_file ")]

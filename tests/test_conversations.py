@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import run_qlora_nb, tiny_flags
+from helpers import run_qlora_nb, tiny_flags
 from qlora_nb.tiny import make_conversation_records
 
 CONVERSATION_RUN = dict(max_steps=24, save_steps=12, learning_rate=3e-3, source_max_len=96, target_max_len=64)

@@ -11,7 +11,7 @@ import json, re, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
 from safetensors.torch import load_file
-from conftest import ENV, ROOT
+from helpers import ENV, ROOT
 from qlora_nb.tiny import make_alpaca_records, tiny_model_path
 
 STEPS = 6

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import nbformat, pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 NBS = ROOT/"nbs"
 
 def expected_pages():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from bitsandbytes.functional import has_avx512bf16
-from conftest import ENV, ROOT, tiny_flags
+from helpers import ENV, ROOT, run_python, tiny_flags
 from qlora_nb.tiny import make_alpaca_records
 
 AVX512_BF16 = has_avx512bf16()
@@ -42,8 +42,7 @@ def hub():
     hub.server.close()
 
 
-def python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+def python(code: str, env: dict) -> subprocess.CompletedProcess: return run_python("-c", code, env=env)
 
 
 BNB_LOADED = "\nassert 'bitsandbytes.backends.cpu.ops' in sys.modules"  # the route did import bitsandbytes' CPU code
@@ -83,8 +82,7 @@ def test_a_real_run_asks_no_hub_and_records_its_kernels(hub, tmp_path):
     data = tmp_path/"alpaca.json"
     data.write_text(json.dumps(make_alpaca_records(16, max_words=8)))
     flags = tiny_flags(data, tmp_path/"run", max_steps=1, save_steps=1, do_eval="false", do_predict="false")
-    r = subprocess.run([sys.executable, "-m", "qlora_nb", "train", *map(str, flags)], capture_output=True, text=True,
-                       env=hub.env(), cwd=ROOT, timeout=600)
+    r = run_python("-m", "qlora_nb", "train", *flags, env=hub.env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert hub.connections == 0 and "kernels-community" not in r.stderr, r.stderr[-3000:]
     record = json.loads((tmp_path/"run"/"metrics.json").read_text())

@@ -1,65 +1,71 @@
-"""The package's imports flow one way: config -> model -> data -> evaluation -> training -> face (DESIGN.md), and the
-product never imports the test fixtures. Read from the exported modules' source (every import statement, also those
-inside functions), so a new module must be placed in LAYERS before it can land."""
-import ast
+"""The package's imports flow one way: config -> model -> data -> evaluation -> training -> face, and the product never
+imports the test fixtures. The layers are declared once, as import-linter contracts in pyproject.toml's
+[tool.importlinter] (the architecture page, nbs/98_architecture.ipynb, draws them); these tests run `lint-imports` on
+the package, and show that the contracts catch each kind of mistake on a copy of it."""
+import shutil, subprocess, sys, tomllib
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1]/"qlora_nb"
-
-# a module may import only modules of a lower layer; modules of one layer do not import each other
-LAYERS = [
-    {"checks", "files"},                 # what flags are checked against before anything heavy; the file helpers
-    {"sources"},                         # where a base model comes from: a .gguf file converted once, get-model
-    {"config"},                          # every setting of a run
-    {"quant"}, {"lora"}, {"model"},      # the model side: 4-bit loading, adapters, the assembled model
-    {"formatters"}, {"templates"}, {"data"},  # the data side: record formats, chat templates, token ids
-    {"mmlu"},                            # evaluation
-    {"label_loss", "predict"}, {"train"},  # training
-    {"chat", "merge"},                   # after training: talk to the result, merge it into a standalone model
-    {"memory", "tiny"},                  # the face: the memory plan; tiny builds the demo's model and the test fixtures
-    {"plots"}, {"widgets", "demo"}, {"real_demo"}, {"cli", "testing"},  # real_demo: the README demo on SmolLM2
-]
-FIXTURES = {"tiny", "testing"}  # what tests stand on
-MAY_IMPORT_FIXTURES = {"demo", "testing"}  # the demo runs on a tiny model it builds; test helpers build on fixtures
+from helpers import ROOT
+LINT = Path(sys.executable).with_name("lint-imports")
 
 
-def rank(module: str) -> int:
-    found = [i for i, layer in enumerate(LAYERS) if module in layer]
-    assert found, f"qlora_nb.{module} is in no layer of tests/test_layers.py: add it where its imports put it"
-    return found[0]
+def lint(root: Path) -> subprocess.CompletedProcess:
+    "`lint-imports` on the package in `root`, with the contracts of its pyproject.toml (no cache left behind)."
+    return subprocess.run([str(LINT), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={"PATH": str(LINT.parent), "PYTHONPATH": str(root)})
 
 
-def internal_imports(path: Path) -> set:
-    "The qlora_nb modules that `path` imports anywhere in its source."
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level == 1: base = f"qlora_nb.{base}" if base else "qlora_nb"
-            if base == "qlora_nb": names |= {f"qlora_nb.{a.name}" for a in node.names}
-            elif base.startswith("qlora_nb."): names.add(base)
-        elif isinstance(node, ast.Import):
-            names |= {a.name for a in node.names if a.name.startswith("qlora_nb.")}
-    return {n.split(".")[1] for n in names} & {p.stem for p in PACKAGE.glob("*.py")}
+def test_the_package_keeps_its_contracts():
+    done = lint(ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 kept, 0 broken" in done.stdout, done.stdout
 
 
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_"))
+@pytest.fixture
+def copy(tmp_path):
+    "A copy of the package and its contracts, to break."
+    shutil.copytree(ROOT/"qlora_nb", tmp_path/"qlora_nb", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT/"pyproject.toml", tmp_path)
+    return tmp_path
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_imports_flow_one_way(module):
-    wrong = {m for m in internal_imports(PACKAGE/f"{module}.py") if rank(m) >= rank(module)}
-    assert not wrong, f"qlora_nb.{module} (layer {rank(module)}) imports {sorted(wrong)}, which are not below it"
+def broken(root: Path, module: str, source: str) -> str:
+    "What lint-imports says once `source` is appended to qlora_nb/`module`.py; it must fail."
+    path = root/"qlora_nb"/f"{module}.py"
+    path.write_text(path.read_text() + "\n" + source + "\n")
+    done = lint(root)
+    assert done.returncode == 1, done.stdout + done.stderr
+    return done.stdout
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m not in MAY_IMPORT_FIXTURES])
-def test_the_product_does_not_import_the_fixtures(module):
-    assert not internal_imports(PACKAGE/f"{module}.py") & FIXTURES, f"qlora_nb.{module} imports a test fixture"
+def test_an_import_up_a_layer_breaks_it_even_inside_a_function(copy):
+    said = broken(copy, "quant", "def _later():\n    from qlora_nb.train import train")
+    assert "imports flow one way: config -> model -> data -> evaluation -> training -> face BROKEN" in said
+    assert "qlora_nb.quant is not allowed to import qlora_nb.train" in said and "1 kept, 1 broken" in said
 
 
-def test_the_checks_can_fail(tmp_path):
-    bad = tmp_path/"bad.py"
-    bad.write_text("from .train import train\ndef f():\n    from qlora_nb.tiny import tiny_model_path\n    import qlora_nb.cli\n")
-    assert internal_imports(bad) == {"train", "tiny", "cli"}
+def test_siblings_of_one_layer_do_not_import_each_other(copy):
+    said = broken(copy, "chat", "from . import merge")
+    assert "qlora_nb.chat is not allowed to import qlora_nb.merge" in said and "1 kept, 1 broken" in said
+
+
+def test_the_product_importing_a_fixture_breaks_it(copy):
+    said = broken(copy, "plots", "from .tiny import tiny_model_path")  # plots sits above tiny: only this contract
+    assert "the product never imports the test fixtures BROKEN" in said and "1 kept, 1 broken" in said
+    assert "qlora_nb.plots is not allowed to import qlora_nb.tiny" in said
+
+
+def test_a_new_module_must_be_placed(copy):
+    (copy/"qlora_nb"/"newthing.py").write_text("from .checks import require\n")
+    done = lint(copy)
+    assert done.returncode == 1 and "qlora_nb.newthing" in done.stdout, done.stdout
+
+
+def test_every_product_module_is_held_to_the_fixtures_contract():
+    contracts = tomllib.loads((ROOT/"pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    fixtures = next(c for c in contracts if c["id"] == "fixtures")
+    stand_on_them = {"tiny", "testing", "demo"}  # the fixtures themselves, and the tiny demo built on them
+    modules = {p.stem for p in (ROOT/"qlora_nb").glob("*.py") if not p.stem.startswith("_")} - stand_on_them
+    assert modules == {m.removeprefix("qlora_nb.") for m in fixtures["source_modules"]}

@@ -8,7 +8,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 # lock -> what it is compiled from: pyproject.toml's dependencies plus these extras, or a requirements .in file
 LOCKS = {"requirements/dev.txt": ("dev",), "requirements/bench.txt": ("dev", "bench"),
          "requirements/tools.txt": "requirements/tools.in"}

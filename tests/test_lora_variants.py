@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT, run_qlora_nb, tiny_flags
+from helpers import ENV, ROOT, run_qlora_nb, tiny_flags
 from qlora_nb.config import parse_args
 from qlora_nb.lora import count_parameters
 from qlora_nb.quant import load_base_model

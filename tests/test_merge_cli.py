@@ -10,7 +10,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from safetensors import safe_open
 from safetensors.torch import save_file
-from conftest import ENV, ROOT, run_qlora_nb, tiny_flags
+from helpers import ENV, ROOT, run_python, run_qlora_nb, tiny_flags
 
 from qlora_nb.merge import adapter_on_4bit, logit_tolerance, make_plan
 from qlora_nb.tiny import tiny_model_path
@@ -37,7 +37,7 @@ try: import peft; sys.exit('peft was importable')
 except ImportError: pass
 m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32)
 print(json.dumps(m(input_ids=torch.tensor({IDS})).logits[0].tolist()))"""
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    res = run_python("-c", code)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
 
@@ -196,6 +196,7 @@ def test_an_interrupted_merge_leaves_no_folder_and_overwrite_replaces(runs, tmp_
     stop = "import qlora_nb.merge as m\ndef stop(*a): raise KeyboardInterrupt\nm.publish_checkpoint = stop"
     status, _, err = run_qlora_nb("merge", "--adapter", run, "--output_dir", out, "--no_report", prelude=stop)
     assert status == 130, err[-3000:]
+    assert f"merge interrupted before it finished: nothing was written to {out}" in err
     assert not out.exists() and not list(tmp_path.iterdir())  # the staging folder went with it
     (tmp_path/".out.incomplete").mkdir()  # what a SIGKILL leaves: removed by the next merge
     out.mkdir(); (out/"old").write_text("old")
@@ -204,6 +205,12 @@ def test_an_interrupted_merge_leaves_no_folder_and_overwrite_replaces(runs, tmp_
     assert "was stopped before it finished" in err
     assert not (out/"old").exists() and (out/"config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # Ctrl-C once the folder is in place: it is complete, and the user is told so
+    late = ("import qlora_nb.merge as m\nreal = m.publish_checkpoint\n"
+            "def late(*a): real(*a); raise KeyboardInterrupt\nm.publish_checkpoint = late")
+    status, _, err = run_qlora_nb("merge", "--adapter", run, "--output_dir", tmp_path/"late", "--no_report", prelude=late)
+    assert status == 130 and f"interrupted after the merge had finished: {tmp_path/'late'} is complete" in err, err[-3000:]
+    assert (tmp_path/"late"/"config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["late", "out"]
 
 
 @pytest.fixture(scope="module")

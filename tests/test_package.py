@@ -3,12 +3,12 @@ import os, subprocess, sys
 from pathlib import Path
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, run_python
 MODULES = sorted(p.stem for p in (ROOT/"qlora_nb").glob("*.py") if not p.stem.startswith("_"))
 
 def run(*args, **env):
-    e = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, cwd=ROOT, timeout=300)
+    "`python ARGS` as a user without a GPU or network runs it (the user's environment, not the tests' ENV)."
+    return run_python(*args, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", **env})
 
 def test_every_module_imports_without_gpu_or_network():
     assert {"config", "tiny", "cli"} <= set(MODULES)

@@ -11,12 +11,11 @@ from unittest import mock
 import pytest
 import qlora_nb
 from bitsandbytes.functional import has_avx512bf16
-from conftest import ENV, ROOT
+from helpers import ENV, ROOT, run_python
 
 BNB_CPU_OPS = "bitsandbytes.backends.cpu.ops"
 
-def python(code: str, env: dict = ENV) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+def python(code: str, env: dict = ENV) -> subprocess.CompletedProcess: return run_python("-c", code, env=env)
 
 
 def test_the_guarded_module_is_the_one_that_asks_the_hub():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT, kill, run_qlora_nb, start_qlora_nb, wait_for
+from helpers import ENV, ROOT, kill, run_qlora_nb, start_qlora_nb, wait_for
 from qlora_nb.checks import ConfigError
 from qlora_nb.sources import KNOWN_MODELS, SOURCE_FILE, download_package, get_model, gguf_model_folder
 

@@ -4,7 +4,7 @@ cache and a pip without an index make `get_model` fail at once, as it would with
 import subprocess, sys
 from pathlib import Path
 
-from conftest import ENV, ROOT
+from helpers import ENV, ROOT
 
 NOTEBOOK = ROOT/"nbs"/"analysis"/"real_model.ipynb"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import kill, listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
+from helpers import kill, listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
 from qlora_nb.files import list_checkpoints
 
 STEPS, SAVE_EVERY = 12, 4

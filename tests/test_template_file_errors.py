@@ -5,7 +5,7 @@ import subprocess, sys
 from pathlib import Path
 
 import pytest
-from conftest import ENV, ROOT, listing, tiny_flags
+from helpers import ENV, ROOT, listing, tiny_flags
 from qlora_nb.tiny import tiny_model_path
 
 QLORA_NB = Path(sys.executable).parent/"qlora-nb"  # the console script pip installed beside this Python

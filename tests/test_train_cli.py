@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import CTRL_C_REACHES, listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
+from helpers import CTRL_C_REACHES, listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
 from qlora_nb.tiny import tiny_model_path
 
 flags = tiny_flags

@@ -4,7 +4,7 @@ busy CPU (the base model is pretrained on first use), so it is marked slow and r
 import os
 
 import pytest
-from conftest import run_qlora_nb
+from helpers import run_qlora_nb
 from qlora_nb.demo import demo_problems  # the files and figures the demo must show, held once
 
 
