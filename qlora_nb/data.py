@@ -7,7 +7,7 @@ Docs: https://qlora-nb.github.io/qlora_nb/data.html.md"""
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'EVAL_SPLITS', 'encode_sources', 'encode_targets', 'tokenize_examples', 'tokenize_dataset',
            'example_labels', 'pad_to_longest', 'DataCollatorForCausalLM', 'cut_source', 'show_labels',
-           'conversation_row', 'tokenize_conversations', 'tokenize_conversation_dataset', 'pack_lengths',
+           'conversation_row', 'odd_shapes', 'tokenize_conversations', 'tokenize_conversation_dataset', 'pack_lengths',
            'example_rows', 'pack_examples', 'pack_dataset', 'segment_ids', 'block_diagonal_mask',
            'packed_attention_isolates', 'split_train_eval', 'take_first', 'check_answers', 'check_replies', 'Splits',
            'is_conversation', 'numbered', 'formatted_splits', 'tokenized_splits', 'make_data_module',
@@ -16,6 +16,7 @@ __all__ = ['IGNORE_INDEX', 'EVAL_SPLITS', 'encode_sources', 'encode_targets', 't
 
 # %% ../nbs/06_data.ipynb #ba5bef0b
 import bisect, json
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,11 +25,10 @@ from datasets import Dataset, DatasetDict
 from fastcore.basics import patch
 from transformers import PreTrainedTokenizerBase
 
-from .checks import say
-from .config import ConfigError, require
+from .checks import ConfigError, require, say
 from .formatters import format_dataset, load_data, locate, resolve_format
 from .templates import (check_conversation, conversation_prompt, fit_conversation, labelled_pieces,
-                                pieces_html, prompt_ids, read_chat_template, tokenize_conversation,
+                                pieces_html, prompt_ids, read_chat_template, shape_problem, tokenize_conversation,
                                 use_chat_template)
 
 # %% ../nbs/06_data.ipynb #377aeb11
@@ -163,6 +163,17 @@ def conversation_row(tokenizer, # a tokenizer with its chat template set (`templ
     if with_prompt: row |= dict(prompt_ids=prompt_ids(tokenizer, fitted), output=conversation_prompt(fitted)[1])
     return row
 
+# %% ../nbs/06_data.ipynb #94c50f89
+def odd_shapes(dataset: Dataset, where: str = "data set") -> str | None:
+    "One line on the conversations of `dataset` that break the usual shape of a chat, or None when none does."
+    found = [(i, p) for i, text in enumerate(dataset["conversation"]) if (p := shape_problem(json.loads(text)))]
+    if not found: return None
+    first = dataset["record"][found[0][0]] if "record" in dataset.column_names else found[0][0]
+    kinds = ", ".join(f"{n} with {p}" for p, n in Counter(p for _, p in found).most_common())
+    return (f"{where}: {len(found)} of {len(dataset)} conversations break the usual shape of a chat ({kinds}; the "
+            f"first at {locate(where, first)}). The chat template renders them as they are, so they are kept; a "
+            "strict template (llama-2, mistral) would refuse them.")
+
 # %% ../nbs/06_data.ipynb #8c04ce80
 def tokenize_conversations(batch: dict, indices: list, tokenizer, max_len: int, train_on_source: bool = False,
                            with_prompt: bool = False, where: str = "data set", length_column: str = "length") -> dict:
@@ -186,11 +197,13 @@ def tokenize_conversation_dataset(dataset: Dataset, tokenizer, max_len: int, tra
             "with: set one (qlora_nb.templates.use_chat_template, or --chat_template on the command line).")
     settings = dict(tokenizer=tokenizer, max_len=max_len, train_on_source=train_on_source, with_prompt=with_prompt,
                     where=where, length_column=length_column)
+    odd = odd_shapes(dataset, where)  # counted first, said once the template has rendered them all
     out = dataset.map(tokenize_conversations, batched=True, with_indices=True, remove_columns=dataset.column_names,
                       desc="Tokenizing conversations", fn_kwargs=settings)
     if dropped := len(dataset) - len(out):
         say(f"{where}: left out {dropped} of {len(dataset)} conversations: longer than {max_len} tokens "
             "(--source_max_len + --target_max_len) even without their earliest exchanges, or with no reply left.")
+    if odd: say(odd)
     require(len(out) > 0, f"{where}: no conversation fits in {max_len} tokens: raise --source_max_len or "
             "--target_max_len.")
     return out

@@ -22,7 +22,7 @@ from typing import Callable
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
-from .config import ConfigError, require
+from .checks import ConfigError, require
 
 # %% ../nbs/05_formatters.ipynb #ce2cc19b
 @dataclass
@@ -477,18 +477,25 @@ def check_data_file(path: Path, # the file a flag names
     if path.suffix != ".parquet": require((problem := utf8_problem(path)) is None, f"{path}: {problem}.")
 
 # %% ../nbs/05_formatters.ipynb #d4408f9e
+class _NoRowNumber(logging.Filter):
+    "Drops datasets' log line on a JSON file it cannot parse: its row counts from 0, our error's line from 1 as editors do."
+    def filter(self, record) -> bool: return not record.getMessage().startswith("Failed to load JSON from file")
+
 def local_dataset(path, # a .json, .jsonl, .csv, .tsv or .parquet file
                   cache_dir=None, # where `datasets` caches the parsed file
                   flag: str = "--dataset") -> DatasetDict: # the flag that named the file, for the messages
     "A local file as a `DatasetDict` with one `train` split, checked for the problems users hit."
     path = Path(path)
     check_data_file(path, flag)
+    quiet, log = _NoRowNumber(), logging.getLogger("datasets.packaged_modules.json.json")
+    log.addFilter(quiet)
     try: data = load_dataset(**_load_kwargs(path), data_files=str(path), split="train", cache_dir=cache_dir)
     except ConfigError: raise
     except Exception as e:
         problem = (_first_bad_json_record(path) if path.suffix in (".json", ".jsonl") else
                    None if path.suffix == ".parquet" else _first_bad_csv_row(path))
         raise ConfigError(f"{path}: {problem or f'could not be read ({type(e).__name__}: {e})'}.") from None
+    finally: log.removeFilter(quiet)
     require(len(data) > 0, f"{path}: the file holds no records; expected at least one.")
     return DatasetDict(train=data)
 

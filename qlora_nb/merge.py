@@ -20,7 +20,7 @@ __all__ = ['QUANT_DEFAULTS', 'UNSUPPORTED', 'PEFT_PREFIX', 'MAGNITUDE', 'BASE_FI
 
 # %% ../nbs/09c_merge.ipynb #75e54fa9
 import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
-import argparse, json, math, os, re, shutil, sys, zipfile
+import argparse, json, math, os, re, shutil, sys, time, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -718,6 +718,15 @@ def merge_main(argv=None) -> int:
         eval_data_records(args.eval_data, run_settings(find_adapter(args.adapter)))  # datasets caches what it read
     report = None if args.no_report else \
         lambda plan, adapter, base, work: merge_report(plan, adapter, base, work, args.eval_data, args.max_examples)
-    out = merge_adapter(args.adapter, args.output_dir, args.base, args.into, args.dtype, args.overwrite, report)
-    print(f"merged {args.adapter} into {args.into} weights -> {out}")
+    started = time.time()
+    try:
+        out = merge_adapter(args.adapter, args.output_dir, args.base, args.into, args.dtype, args.overwrite, report)
+        print(f"merged {args.adapter} into {args.into} weights -> {out}")
+    except KeyboardInterrupt:  # Ctrl-C: say which of the two states the folder is in (it is never in between)
+        out = Path(args.output_dir)
+        if (out/"config.json").is_file() and out.stat().st_mtime >= started:
+            say(f"interrupted after the merge had finished: {out} is complete.")
+        else: say(f"merge interrupted before it finished: nothing was written to {out} (the same command starts it "
+                  "again).")
+        return 130
     return 0
