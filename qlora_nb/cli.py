@@ -16,7 +16,8 @@ from pathlib import Path
 import qlora_nb
 from . import __version__
 from .checks import ConfigError, flag_names, moved_names, reject_unknown, require, say, split_config
-from .files import cache_dir, list_checkpoints, write_json_atomic
+from .files import cache_dir, write_json_atomic
+from .runs import check_output_dir, find_adapter, list_checkpoints, mmlu_results_file
 
 # %% ../nbs/13_cli.ipynb #aac55cc1
 COMMANDS = {
@@ -193,8 +194,7 @@ def mmlu_main(argv=None) -> int:
     if not argv: print(MMLU_USAGE, file=sys.stderr); return 2
     if argv[0] in ("-h", "--help"): print(MMLU_USAGE); return 0
     args = parse_mmlu_args(argv)
-    from qlora_nb.mmlu import evaluate_mmlu, find_adapter, load_mmlu, load_model_for_mmlu, set_mmlu_chat_template
-    from qlora_nb.train import check_output_dir
+    from qlora_nb.mmlu import evaluate_mmlu, load_mmlu, load_model_for_mmlu, set_mmlu_chat_template
     out = check_output_dir(args.output_dir)  # before the evaluation, not after it
     dataset = load_mmlu(args.mmlu_dataset, args.mmlu_split, args.mmlu_path, args.max_mmlu_samples, args.cache_dir)
     model, tokenizer = load_model_for_mmlu(args)
@@ -202,7 +202,7 @@ def mmlu_main(argv=None) -> int:
            if args.mmlu_chat_template else None
     results = evaluate_mmlu(model, tokenizer, dataset, args.batch_size, args.mmlu_source_max_len,
                             args.mmlu_split, args.mmlu_dataset, progress=True, chat_template=chat)
-    path = write_json_atomic(out/f"mmlu_{args.mmlu_split}.json", results)
+    path = write_json_atomic(mmlu_results_file(out, args.mmlu_split), results)
     print(f"MMLU {args.mmlu_dataset} {args.mmlu_split}: accuracy {results['accuracy']:.4f} (macro {results['macro_accuracy']:.4f}) "
           f"on {len(dataset)} questions, loss {results['mmlu_loss']:.4f}"
           + (f", asked in the chat template ({chat})" if chat else "") + f" -> {path}")

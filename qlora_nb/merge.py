@@ -6,17 +6,16 @@ Docs: https://qlora-nb.github.io/qlora_nb/merge.html.md"""
 
 # %% auto #0
 __all__ = ['QUANT_DEFAULTS', 'UNSUPPORTED', 'PEFT_PREFIX', 'MAGNITUDE', 'BASE_FILES', 'INTO', 'DTYPES', 'FIXED_TEXTS', 'MODELS',
-           'SIDES', 'PROMPTS', 'MERGE_USAGE', 'run_folder', 'run_settings', 'quant_settings', 'read_adapter_config',
-           'read_adapter_weights', 'split_adapter', 'pattern_value', 'lora_scaling', 'resolve_base', 'base_shards',
-           'weight_shapes', 'model_skeleton', 'quantized_weights', 'embedding_names', 'check_adapter_fits', 'is_tied',
-           'keep_tied', 'dequantized', 'merged_weight', 'MergePlan', 'untied_head', 'source_tensor', 'final_tensor',
-           'write_shards', 'write_index', 'embedding_rows', 'write_model_files', 'check_merge_output', 'make_plan',
+           'SIDES', 'PROMPTS', 'MERGE_USAGE', 'quant_settings', 'read_adapter_config', 'read_adapter_weights',
+           'split_adapter', 'pattern_value', 'lora_scaling', 'resolve_base', 'base_shards', 'weight_shapes',
+           'model_skeleton', 'quantized_weights', 'embedding_names', 'check_adapter_fits', 'is_tied', 'keep_tied',
+           'dequantized', 'merged_weight', 'MergePlan', 'untied_head', 'source_tensor', 'final_tensor', 'write_shards',
+           'write_index', 'embedding_rows', 'write_model_files', 'check_merge_output', 'make_plan',
            'check_residual_merge', 'merge_adapter', 'logit_tolerance', 'base_as_trained', 'adapter_on_4bit',
-           'peft_merged_original', 'output_folder', 'dataset_candidates', 'run_dataset', 'run_eval_records',
-           'eval_data_records', 'report_records', 'as_batch', 'conversation_batches', 'report_batches',
-           'example_scores', 'measure_merge', 'report_table', 'merge_report', 'prompt_tokens', 'run_generation_config',
-           'continuations', 'base_before', 'side_by_side', 'side_by_side_html', 'before_after', 'before_after_widget',
-           'parse_merge_args', 'merge_main']
+           'peft_merged_original', 'run_dataset', 'run_eval_records', 'eval_data_records', 'report_records', 'as_batch',
+           'conversation_batches', 'report_batches', 'example_scores', 'measure_merge', 'report_table', 'merge_report',
+           'prompt_tokens', 'run_generation_config', 'continuations', 'base_before', 'side_by_side',
+           'side_by_side_html', 'before_after', 'before_after_widget', 'parse_merge_args', 'merge_main']
 
 # %% ../nbs/09c_merge.ipynb #75e54fa9
 import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
@@ -34,22 +33,13 @@ from safetensors.torch import save_file
 from .checks import ConfigError, require, say
 from .config import moves_base_weights
 from .files import json_problem, publish_checkpoint, write_json_atomic
-from .model import (ADAPTER_WEIGHTS, adapter_weights_file, check_original_base_adapter, damaged_adapter,
-                            find_adapter, run_tokenizer_folder)
+from .model import ADAPTER_WEIGHTS, adapter_weights_file, check_original_base_adapter, damaged_adapter
 from .quant import guard_cpu_4bit, load_dtype, make_bnb_config
-from .train import ADAPTER_DIR, check_output_dir, recorded_settings
+from .runs import (ADAPTER_DIR, check_output_dir, dataset_candidates, find_adapter, output_folder, run_settings,
+                           run_tokenizer_folder)  # the run folder's layout: no training code
 
 # %% ../nbs/09c_merge.ipynb #92917183
 QUANT_DEFAULTS = dict(bits=4, quant_type="nf4", double_quant=True, bf16=False, fp16=False)  # qlora.py's defaults
-
-def run_folder(adapter: Path) -> Path:
-    "The run or checkpoint folder that holds the adapter folder `adapter` (the folder above `adapter_model/`)."
-    adapter = Path(adapter)
-    return adapter.parent if adapter.name == ADAPTER_DIR else adapter
-
-def run_settings(adapter: Path) -> dict:
-    "The resolved settings of the run that trained `adapter`: its checkpoint's run_config.json, else its metrics.json."
-    return recorded_settings(run_folder(adapter))  # qlora_nb.train knows what a run folder records
 
 # %% ../nbs/09c_merge.ipynb #3a791773
 def quant_settings(settings: dict) -> SimpleNamespace:
@@ -427,21 +417,6 @@ def peft_merged_original(adapter: Path, base: Path, rows: int):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map=_device_map())
     return _with_adapter(model, adapter, rows).merge_and_unload()
-
-# %% ../nbs/09c_merge.ipynb #f6cabb59
-def output_folder(adapter: Path) -> Path:
-    "The run's output_dir as it is now: the folder that holds the adapter's checkpoint, or the run folder itself."
-    folder = run_folder(adapter)
-    return folder.parent if folder.name.startswith("checkpoint-") else folder
-
-def dataset_candidates(dataset: str, recorded_output_dir, out: Path) -> list:
-    "Where the run's `--dataset` file may be now: as given, moved with the run folder, beside where training started."
-    d, was, out = Path(dataset), Path(recorded_output_dir or "."), Path(out).resolve()
-    found, n = [d], len(was.parts)
-    if n and d.parts[:n] == was.parts: found.append(out.joinpath(*d.parts[n:]))  # inside the output_dir, now moved
-    if n and not d.is_absolute() and not was.is_absolute() and out.parts[-n:] == was.parts:
-        found.append(out.parents[n - 1]/d)  # relative to the folder training started in
-    return list(dict.fromkeys(found))
 
 # %% ../nbs/09c_merge.ipynb #355d1f16
 def run_dataset(settings: dict, out: Path) -> tuple:

@@ -26,9 +26,9 @@ from transformers import AutoTokenizer, TrainerCallback
 from .checks import ConfigError, require
 from .config import CHAT_TEMPLATES, MMLU_DATASETS, MMLU_SPLITS, parse_args
 from .data import encode_sources, pad_to_longest
-from .model import find_adapter, load_trained_model, run_tokenizer_folder, trained_tokenizer
+from .model import load_trained_model, trained_tokenizer
+from .runs import find_adapter, run_tokenizer_folder
 from .templates import missing_template_tokens, read_chat_template, render_conversation, use_chat_template
-
 
 # %% ../nbs/07_mmlu.ipynb #c01e7694
 MMLU_LETTERS = "ABCD"

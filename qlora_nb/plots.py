@@ -7,10 +7,10 @@ Docs: https://qlora-nb.github.io/qlora_nb/plots.html.md"""
 # %% auto #0
 __all__ = ['MMLU_COLORS', 'MMLU_CURVE', 'CURVE_PANELS', 'TENSORBOARD_PREFIXES', 'WHERE_SETTINGS', 'NOT_RECORDED', 'MEMORY_COLUMN',
            'PEAK_COLUMN', 'count_label', 'plot_dtypes', 'plot_trainable_by_module', 'plot_mmlu_per_subject',
-           'training_series', 'curve_label', 'plot_training_curves', 'read_trainer_state', 'tensorboard_scalars',
-           'read_tensorboard', 'read_mmlu_results', 'read_run', 'read_metrics', 'read_runs', 'flat_settings',
-           'settings_that_differ', 'adapter_parameter_count', 'estimated_memory', 'measured_peak_memory', 'run_summary',
-           'summary_table', 'plot_loss_curves', 'plot_mmlu_runs', 'plot_run_summary']
+           'training_series', 'curve_label', 'plot_training_curves', 'tensorboard_scalars', 'read_tensorboard',
+           'read_mmlu_results', 'read_run', 'read_runs', 'settings_that_differ', 'adapter_parameter_count',
+           'estimated_memory', 'measured_peak_memory', 'run_summary', 'summary_table', 'plot_loss_curves',
+           'plot_mmlu_runs', 'plot_run_summary']
 
 # %% ../nbs/11_plots.ipynb #9f055ffa
 import json, math, re
@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .checks import ConfigError, require
-from .files import list_checkpoints
+from .runs import (ADAPTER_DIR, flat_settings, mmlu_results_file, read_json, read_metrics,
+                           read_trainer_state)  # a run folder's files: read where they are known
 from .memory import byte_unit, estimate_memory
 
 # %% ../nbs/11_plots.ipynb #72d333f5
@@ -163,23 +164,6 @@ def plot_training_curves(state: dict, # the dict of a trainer_state.json (`read_
     fig.suptitle(title)
     return fig, data
 
-# %% ../nbs/11_plots.ipynb #9eaedb4c
-def _read_json(path: Path, what: str) -> dict:
-    try: return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}): was the {what} cut short?") from None
-
-# %% ../nbs/11_plots.ipynb #b116708e
-def read_trainer_state(run_dir) -> dict:
-    "The final `trainer_state.json` of a run folder, or the latest checkpoint's."
-    run_dir = Path(run_dir)
-    require(run_dir.is_dir(), f"Run folder {run_dir} does not exist.")
-    ckpt = (list_checkpoints(run_dir) or [None])[-1]
-    for path in [run_dir/"trainer_state.json"] + ([ckpt/"trainer_state.json"] if ckpt else []):
-        if path.is_file(): return _read_json(path, "trainer state")
-    raise ConfigError(f"No trainer_state.json in {run_dir} or its checkpoint-N folders: "
-                      "is it a training output folder?")
-
 # %% ../nbs/11_plots.ipynb #7b1eedc4
 TENSORBOARD_PREFIXES = {"train/": "", "eval/": "eval_", "test/": "test_"}  # transformers' rewrite_logs, undone
 
@@ -215,12 +199,12 @@ def read_mmlu_results(path, # an mmlu_{split}.json file, or the run folder holdi
                       split: str = "eval") -> dict: # which file to read from a folder
     "MMLU results written by `qlora_nb.mmlu`, checked to be results."
     path = Path(path)
-    if path.is_dir(): path = path/f"mmlu_{split}.json"
+    if path.is_dir(): path = mmlu_results_file(path, split)
     if not path.is_file():
         found = sorted(p.name for p in path.parent.glob("mmlu_*.json")) if path.parent.is_dir() else []
         raise ConfigError(f"No MMLU results file {path}" + (f" (there is {', '.join(found)})." if found else
                           ": run the MMLU evaluation (`qlora-nb mmlu`, or train with --do_mmlu_eval) first."))
-    results = _read_json(path, "MMLU results")
+    results = read_json(path, "MMLU results")
     _check_mmlu(results, str(path))
     return results
 
@@ -238,23 +222,10 @@ def read_run(run_dir) -> dict:
     return dict(state=state, mmlu=mmlu)
 
 # %% ../nbs/11_plots.ipynb #17a8ecf8
-def read_metrics(run_dir) -> dict:
-    "A run folder's `metrics.json`: its metrics, every setting, package versions, device and git commit."
-    path = Path(run_dir)/"metrics.json"
-    require(path.is_file(), f"No metrics.json in {run_dir}: is it the output folder of a finished `qlora-nb train`?")
-    return _read_json(path, "run record")
-
 def read_runs(runs: dict) -> dict: # {name: run folder}
     "Each run folder read: `{name: read_run(folder) | dict(dir=folder, record=its metrics.json)}`."
     require(isinstance(runs, dict) and runs, "read_runs: expected a non-empty dict {name: run folder}.")
     return {name: read_run(d) | dict(dir=Path(d), record=read_metrics(d)) for name, d in runs.items()}
-
-# %% ../nbs/11_plots.ipynb #9b629f71
-def flat_settings(record: dict) -> dict: # a `metrics.json`, read
-    "A run's settings, flat: every flag by name, then `versions.*`, `device` and `git.*`."
-    flat = {k: v for section in (record.get("config") or {}).values() for k, v in section.items()}
-    flat |= {f"versions.{k}": v for k, v in (record.get("versions") or {}).items()} | {"device": record.get("device")}
-    return flat | {f"git.{k}": v for k, v in (record.get("git") or {}).items()}
 
 # %% ../nbs/11_plots.ipynb #3e44f4a3
 WHERE_SETTINGS = ("output_dir", "logging_dir", "run_name")  # where a run wrote, not how it trained
@@ -271,7 +242,7 @@ def settings_that_differ(records: dict, # {name: metrics.json read}
 # %% ../nbs/11_plots.ipynb #d7a6b247
 def adapter_parameter_count(run_dir) -> int | None:
     "Parameters saved in a run's adapter (`adapter_model/*.safetensors`): what it trained; None without one."
-    path = Path(run_dir)/"adapter_model"/"adapter_model.safetensors"
+    path = Path(run_dir)/ADAPTER_DIR/"adapter_model.safetensors"
     if not path.is_file(): return None
     from safetensors import safe_open
     with safe_open(str(path), "np") as f: return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import kill, listing, run_qlora_nb, start_qlora_nb, tiny_flags, wait_for
-from qlora_nb.files import list_checkpoints
+from qlora_nb.runs import list_checkpoints
 
 STEPS, SAVE_EVERY = 12, 4
 RUN = dict(max_steps=STEPS, save_steps=SAVE_EVERY, lora_dropout=0.1, gradient_accumulation_steps=2, seed=7)
