@@ -6,8 +6,8 @@ Docs: https://qlora-nb.github.io/qlora_nb/widgets.html.md"""
 
 # %% auto #0
 __all__ = ['COMMON_INHERITED', 'EXTRA_CHOICES', 'SUGGESTIONS', 'TABS', 'CLASS_TABS', 'QUANT_FIELDS', 'EVAL_FIELDS',
-           'NUMBER_BOUNDS', 'PICTURE_NOTE', 'shown_field_names', 'field_choices', 'FormField', 'form_fields', 'tab_of',
-           'described', 'widget_for', 'field_value', 'shown_value', 'ConfigForm', 'control_html', 'widget_html']
+           'NUMBER_BOUNDS', 'shown_field_names', 'field_choices', 'FormField', 'form_fields', 'tab_of', 'described',
+           'widget_for', 'field_value', 'shown_value', 'ConfigForm']
 
 # %% ../nbs/10_widgets.ipynb #ca121753
 import dataclasses, enum, html, shlex, typing, warnings
@@ -22,6 +22,7 @@ from transformers.trainer_utils import SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
 from .checks import ConfigError, require
+from .pictures import widget_html
 from .config import (ARG_CLASSES, DATASET_NAMES, DERIVED_FIELDS, DataArguments,
                              GenerationArguments, ModelArguments, TrainingArguments, arg_value, args_values,
                              cli_tokens, default_arg_values, parse_args, read_yaml, save_yaml, to_yaml)
@@ -180,70 +181,6 @@ def _build(self: ConfigForm):
     estimate = widgets.VBox([widgets.HTML("<b>Memory estimate</b>"), self.memory, self.fetch_button])
     self.box = widgets.VBox([widgets.HBox([self.tabs, estimate], layout=widgets.Layout(flex_flow="row wrap")),
                              self.message, self.command, widgets.HBox([self.train_button, self.status]), self.output])
-
-# %% ../nbs/10_widgets.ipynb #8bfa8ec2
-def control_html(w) -> str:
-    "A control's current value as read-only HTML: the chosen option, a ☑/☐ box, the text (or its placeholder)."
-    if isinstance(w, widgets.Checkbox): return "☑" if w.value else "☐"
-    if hasattr(w, "label") and hasattr(w, "options"): return f"<code>{html.escape(str(w.label))}</code> ▾"
-    if isinstance(w, widgets.Textarea): return f"<pre>{html.escape(w.value)}</pre>"
-    if isinstance(w, widgets.Text) and w.value == "": return f"<i>{html.escape(w.placeholder or 'empty')}</i>"
-    return f"<code>{html.escape(str(w.value))}</code>"
-
-# %% ../nbs/10_widgets.ipynb #58302425
-def _shown(w) -> bool: return getattr(getattr(w, "layout", None), "display", None) != "none"
-def _is_control(w) -> bool:
-    return isinstance(w, widgets.ValueWidget) and not isinstance(w, (widgets.HTML, widgets.HTMLMath, widgets.Label))
-def _label_html(w) -> str:
-    return w.description if getattr(w, "description_allow_html", False) else html.escape(w.description)
-
-# %% ../nbs/10_widgets.ipynb #96d1f5a0
-def _children_html(children, sep: str = "\n") -> str:
-    "Children joined by `sep`, each run of controls gathered into one table of name | value rows."
-    parts, rows = [], []
-    for c in filter(_shown, children):
-        if _is_control(c): rows.append(f"<tr><td>{_label_html(c)}</td><td>{control_html(c)}</td></tr>"); continue
-        if rows: parts, rows = parts + [f"<table>{''.join(rows)}</table>"], []
-        if (h := _widget_html(c)): parts.append(h)
-    return sep.join(parts + ([f"<table>{''.join(rows)}</table>"] if rows else []))
-
-# %% ../nbs/10_widgets.ipynb #07376208
-def _tab_html(tab) -> str:
-    "Each tab as a section that opens on a click, the selected one open."
-    return "".join(f"<details{' open' if i == tab.selected_index else ''}><summary><b>{html.escape(str(t))}</b>"
-                   f"</summary>{_children_html([c])}</details>"
-                   for i, (t, c) in enumerate(zip(tab.titles, tab.children)))
-
-def _output_html(out) -> str:
-    "What an Output widget holds: its text, or the HTML (else the plain text) of what was displayed in it."
-    def one(o):
-        if o.get("output_type") == "stream": return f"<pre>{html.escape(o.get('text', ''))}</pre>"
-        data = o.get("data", {})
-        return data.get("text/html") or f"<pre>{html.escape(str(data.get('text/plain', '')))}</pre>"
-    return "".join(map(one, out.outputs))
-
-# %% ../nbs/10_widgets.ipynb #cf279167
-def _widget_html(w) -> str:
-    if isinstance(w, widgets.Tab): return _tab_html(w)
-    if isinstance(w, widgets.HBox):  # side by side: one table row
-        cells = "".join(f"<td valign='top'>{_children_html([c])}</td>" for c in w.children)
-        return f"<table><tr>{cells}</tr></table>"
-    if isinstance(w, widgets.Box): return _children_html(w.children)
-    if isinstance(w, (widgets.HTML, widgets.HTMLMath)): return f"<div>{w.value}</div>" if w.value else ""
-    if isinstance(w, widgets.Label): return f"<div>{html.escape(w.value)}</div>" if w.value else ""
-    if isinstance(w, widgets.Button):
-        box = "border:1px solid #999;border-radius:3px;padding:1px 8px"
-        return f"<kbd style='{box}'>{html.escape(w.description)}</kbd>" + " <i>(disabled)</i>" * w.disabled
-    if isinstance(w, widgets.Output): return _output_html(w)
-    return _children_html([w]) if _is_control(w) else f"<code>{html.escape(type(w).__name__)}</code>"
-
-# %% ../nbs/10_widgets.ipynb #82476769
-PICTURE_NOTE = ("<div><small><i>A picture of the widget when it was displayed: run the notebook to use it.</i>"
-                "</small></div>")
-
-def widget_html(w) -> str:
-    "A read-only HTML picture of widget `w` and its contents as they are now (for pages without a kernel)."
-    return f"<div class='qlora-nb-widget-picture'>{_children_html([w])}{PICTURE_NOTE}</div>"
 
 # %% ../nbs/10_widgets.ipynb #dd6edba9
 @patch

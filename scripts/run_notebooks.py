@@ -10,7 +10,7 @@ folder, and skips the cells nbdev-test skips (`#| eval: false`, and the `tst_fla
 not written. The outputs are then scrubbed so that a run elsewhere gives a small diff: progress bars, timings, this
 machine's paths (the checkout, home, temporary folders, site-packages), object addresses and the warnings' file:line
 are replaced by stable placeholders; a displayed widget keeps its read-only HTML picture
-(`qlora_nb.widgets.widget_html`) instead of a view that needs a kernel; and `nbdev-clean` runs on the result.
+(`qlora_nb.pictures.widget_html`) instead of a view that needs a kernel; and `nbdev-clean` runs on the result.
 """
 import argparse, ast, json, os, re, site, socket, subprocess, sys, sysconfig, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
@@ -103,13 +103,11 @@ def _widget_picture(outputs: list) -> list:
         data = o.get("data", {})
         if WIDGET_VIEW in data:
             data = {k: v for k, v in data.items() if k != WIDGET_VIEW}
-            if "text/html" not in data:
-                try:
-                    from ipywidgets.widgets.widget import _instances
-                    from qlora_nb.widgets import widget_html
-                    w = _instances.get(o["data"][WIDGET_VIEW]["model_id"])
-                    if w is not None: data["text/html"] = widget_html(w).splitlines(True)
-                except ImportError: pass
+            if "text/html" not in data:  # ipywidgets' private registry of live widgets (tests/test_run_notebooks.py pins it)
+                from ipywidgets.widgets.widget import _instances
+                from qlora_nb.pictures import widget_html
+                w = _instances.get(o["data"][WIDGET_VIEW]["model_id"])
+                if w is not None: data["text/html"] = widget_html(w).splitlines(True)
             o = {**o, "data": data}
         res.append(o)
     return res
