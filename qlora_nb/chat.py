@@ -9,7 +9,7 @@ __all__ = ['CHAT_USAGE', 'CHAT_HELP', 'parse_chat_args', 'load_chat_model', 'con
            'chat_generation_config', 'generate_reply', 'Chat', 'read_lines', 'chat_loop', 'start_chat', 'chat_main']
 
 # %% ../nbs/09b_chat.ipynb #8d37348d
-import argparse, contextlib, sys
+import contextlib, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 from fastcore.basics import patch
 from transformers import TextStreamer
 
-from .checks import ConfigError, require
+from .checks import CommandFlags, ConfigError, answer_help, require
 from .config import CHAT_TEMPLATES, parse_args
 from .model import adapter_weights_file, load_trained_model, trained_tokenizer
 from .predict import generation_config_for
@@ -36,13 +36,10 @@ A conversation in the terminal: each line is a user turn; the model's reply is p
 Type /reset to start the conversation again, /exit (or end the input) to quit.
 Every model-loading and generation flag of `qlora-nb train` is accepted too (--quant_type, --bf16, --top_k, ...)."""
 
-class _Flags(argparse.ArgumentParser):
-    def error(self, message): raise ConfigError(f"qlora-nb chat: {message}.")  # argparse would exit the process
-
 # %% ../nbs/09b_chat.ipynb #ae5432d9
 def parse_chat_args(argv: list):
     "The settings of `qlora-nb chat`: `qlora-nb train`'s namespace plus `adapter` and `system`."
-    own = _Flags(add_help=False, allow_abbrev=False)
+    own = CommandFlags("chat")
     own.add_argument("--adapter"); own.add_argument("--system")
     mine, rest = own.parse_known_args(argv)
     require(any(a.split("=")[0] == "--model_name_or_path" for a in rest),
@@ -189,6 +186,5 @@ def start_chat(args) -> Chat:
 def chat_main(argv=None) -> int:
     "`qlora-nb chat`: a conversation on stdin and stdout; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv: print(CHAT_USAGE, file=sys.stderr); return 2
-    if "-h" in argv or "--help" in argv: print(CHAT_USAGE); return 0
+    if (status := answer_help(argv, CHAT_USAGE)) is not None: return status
     return chat_loop(start_chat(parse_chat_args(argv)), read_lines())

@@ -6,10 +6,10 @@ Docs: https://qlora-nb.github.io/qlora_nb/checks.html.md"""
 
 # %% auto #0
 __all__ = ['FLAG_ALIASES', 'ConfigError', 'require', 'say', 'closest_flag', 'flag_names', 'reject_unknown', 'split_config',
-           'moved_names']
+           'moved_names', 'answer_help', 'CommandFlags']
 
 # %% ../nbs/00_checks.ipynb #ab4d9fda
-import difflib, importlib, sys, warnings
+import argparse, difflib, importlib, sys, warnings
 
 # %% ../nbs/00_checks.ipynb #dfb88e7f
 class ConfigError(ValueError):
@@ -88,3 +88,20 @@ def moved_names(module: str, # the old module's `__name__`
                       "goes in the next release).", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(target), new or name)
     return __getattr__
+
+# %% ../nbs/00_checks.ipynb #1851c963
+def answer_help(argv: list, # the command's flags
+                usage: str, # its usage text
+                needs_flags: bool = True) -> int | None: # False: the command runs with no flags at all
+    "The exit status once `usage` is shown (0: help asked for anywhere; 2: no flags given), or None to go on."
+    if "-h" in argv or "--help" in argv: print(usage); return 0
+    if needs_flags and not argv: print(usage, file=sys.stderr); return 2
+    return None
+
+class CommandFlags(argparse.ArgumentParser):
+    "argparse for one `qlora-nb` command: a mistake in its flags is a `ConfigError` naming the command, not an exit."
+    def __init__(self, command: str, **kwargs):
+        super().__init__(prog=f"qlora-nb {command}", add_help=False, allow_abbrev=False, **kwargs)
+        self.command = command
+    def error(self, message):
+        raise ConfigError(f"qlora-nb {self.command}: {message} (`qlora-nb {self.command} --help` lists its flags).")

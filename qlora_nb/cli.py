@@ -10,12 +10,13 @@ __all__ = ['COMMANDS', 'DEMO_USAGE', 'DEMO_FLAGS', 'MMLU_USAGE', 'usage', 'split
            'interrupted_message', 'main', 'parse_mmlu_args', 'mmlu_main']
 
 # %% ../nbs/13_cli.ipynb #7d4197bd
-import argparse, difflib, hashlib, importlib, importlib.metadata, json, os, sys
+import difflib, hashlib, importlib, importlib.metadata, json, os, sys
 from pathlib import Path
 
 import qlora_nb
 from . import __version__
-from .checks import ConfigError, flag_names, moved_names, reject_unknown, require, say, split_config
+from .checks import (CommandFlags, ConfigError, answer_help, flag_names, moved_names, reject_unknown, require,
+                             say, split_config)
 from .files import cache_dir, write_json_atomic
 from .runs import check_output_dir, find_adapter, list_checkpoints, mmlu_results_file
 
@@ -75,7 +76,7 @@ DEMO_FLAGS = ["--output_dir", "--seed", "--model_name_or_path", "--tiny"]
 def demo_command(argv=None) -> int:
     "`qlora-nb demo`: the real-model demo; `--tiny`, or a model that cannot be fetched: the tiny offline demo."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv: print(DEMO_USAGE); return 0
+    if (status := answer_help(argv, DEMO_USAGE, needs_flags=False)) is not None: return status
     unknown = [" ".join(argv[i:i + 1 + (i + 1 < len(argv) and not argv[i + 1].startswith("-"))])
                for i, a in enumerate(argv) if a.startswith("-") and a.split("=")[0] not in DEMO_FLAGS]
     require(not unknown, f"Unknown setting(s) for `qlora-nb demo`: {' '.join(unknown)}. It takes "
@@ -174,7 +175,7 @@ MMLU files: --mmlu_path DIR, else ./data/mmlu, else built from the hub's cais/mm
 
 def parse_mmlu_args(argv: list):
     "The settings of `qlora-nb mmlu`: `qlora-nb train`'s namespace plus `adapter` and `batch_size`."
-    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own = CommandFlags("mmlu")
     own.add_argument("--adapter"); own.add_argument("--batch_size", type=int)
     mine, rest = own.parse_known_args(argv)
     require(any(a.split("=")[0] == "--model_name_or_path" for a in rest),
@@ -191,8 +192,7 @@ def parse_mmlu_args(argv: list):
 def mmlu_main(argv=None) -> int:
     "`qlora-nb mmlu`: evaluate a model on MMLU and write OUT/mmlu_{split}.json; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv: print(MMLU_USAGE, file=sys.stderr); return 2
-    if argv[0] in ("-h", "--help"): print(MMLU_USAGE); return 0
+    if (status := answer_help(argv, MMLU_USAGE)) is not None: return status
     args = parse_mmlu_args(argv)
     from qlora_nb.mmlu import evaluate_mmlu, load_mmlu, load_model_for_mmlu, set_mmlu_chat_template
     out = check_output_dir(args.output_dir)  # before the evaluation, not after it

@@ -30,7 +30,7 @@ import bitsandbytes.functional as bnbF
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checks import ConfigError, require, say
+from .checks import CommandFlags, ConfigError, answer_help, require, say
 from .config import moves_base_weights
 from .files import json_problem, publish_checkpoint, write_json_atomic
 from .model import ADAPTER_WEIGHTS, adapter_weights_file, check_original_base_adapter, damaged_adapter
@@ -668,12 +668,9 @@ generation config) that `AutoModelForCausalLM.from_pretrained` loads without pef
   --max_examples N    examples in the report (default 8)
   --no_report         skip the report (it loads the 4-bit model, the merged model and the base, one at a time)"""
 
-class _Flags(argparse.ArgumentParser):
-    def error(self, message): raise ConfigError(f"qlora-nb merge: {message}.")  # argparse would exit the process
-
 def parse_merge_args(argv: list) -> argparse.Namespace:
     "The flags of `qlora-nb merge`."
-    p = _Flags(add_help=False, allow_abbrev=False)
+    p = CommandFlags("merge")
     p.add_argument("--adapter", required=True); p.add_argument("--output_dir", required=True); p.add_argument("--base")
     p.add_argument("--into", choices=INTO, default="dequantized"); p.add_argument("--dtype", choices=list(DTYPES))
     p.add_argument("--overwrite", action="store_true"); p.add_argument("--eval_data")
@@ -686,8 +683,7 @@ def parse_merge_args(argv: list) -> argparse.Namespace:
 def merge_main(argv=None) -> int:
     "`qlora-nb merge`: merge an adapter into its base, write the folder and its report; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv: print(MERGE_USAGE, file=sys.stderr); return 2
-    if argv[0] in ("-h", "--help"): print(MERGE_USAGE); return 0
+    if (status := answer_help(argv, MERGE_USAGE)) is not None: return status
     args = parse_merge_args(argv)
     if args.eval_data is not None and not args.no_report:  # read now, not after the minutes the shards take
         eval_data_records(args.eval_data, run_settings(find_adapter(args.adapter)))  # datasets caches what it read

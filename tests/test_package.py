@@ -1,5 +1,5 @@
 "The package as a user meets it: importable without a GPU or network, and a command line that explains itself."
-import os, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -43,3 +43,20 @@ def test_answers_that_need_no_model_import_no_torch():
     run("-m", "qlora_nb", "train", "--help")  # builds the flag table if this checkout has none cached yet
     r = run("-c", FAST_PATH)
     assert r.stdout.strip() == "[2, 0, 0, 2, 0] []", r.stdout + r.stderr[-2000:]
+
+EVERY_HELP = """import contextlib, io, json
+from qlora_nb.cli import COMMANDS, main
+seen = {}
+for name in COMMANDS:
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        code = main([name, "--output_dir", "x", "--help"])  # help asked for after another flag, not first
+    seen[name] = [code, out.getvalue().splitlines()[0] if out.getvalue() else ""]
+print(json.dumps(seen))"""
+
+def test_every_command_answers_help_anywhere_alike():
+    "One way for all: `--help` anywhere among the flags prints the command's usage on stdout and exits 0."
+    r = run("-c", EVERY_HELP)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    wrong = {name: v for name, v in seen.items() if v[0] != 0 or not v[1].startswith(f"usage: qlora-nb {name}")}
+    assert not wrong, wrong
