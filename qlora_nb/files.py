@@ -8,7 +8,7 @@ Docs: https://qlora-nb.github.io/qlora_nb/files.html.md"""
 __all__ = ['write_json_atomic', 'write_jsonl_atomic', 'json_problem', 'cache_dir', 'build_once', 'publish_checkpoint']
 
 # %% ../nbs/01a_files.ipynb #48741e8b
-import json, os, re, shutil
+import json, os, shutil
 from pathlib import Path
 
 from .checks import moved_names

@@ -6,20 +6,20 @@ Docs: https://qlora-nb.github.io/qlora_nb/merge.html.md"""
 
 # %% auto #0
 __all__ = ['QUANT_DEFAULTS', 'UNSUPPORTED', 'PEFT_PREFIX', 'MAGNITUDE', 'BASE_FILES', 'INTO', 'DTYPES', 'FIXED_TEXTS', 'MODELS',
-           'SIDES', 'PROMPTS', 'MERGE_USAGE', 'quant_settings', 'read_adapter_config', 'read_adapter_weights',
-           'split_adapter', 'pattern_value', 'lora_scaling', 'resolve_base', 'base_shards', 'weight_shapes',
-           'model_skeleton', 'quantized_weights', 'embedding_names', 'check_adapter_fits', 'is_tied', 'keep_tied',
-           'dequantized', 'merged_weight', 'MergePlan', 'untied_head', 'source_tensor', 'final_tensor', 'write_shards',
-           'write_index', 'embedding_rows', 'write_model_files', 'check_merge_output', 'make_plan',
+           'SIDES', 'PROMPTS', 'quant_settings', 'read_adapter_config', 'read_adapter_weights', 'split_adapter',
+           'pattern_value', 'lora_scaling', 'resolve_base', 'base_shards', 'weight_shapes', 'model_skeleton',
+           'quantized_weights', 'embedding_names', 'check_adapter_fits', 'is_tied', 'keep_tied', 'dequantized',
+           'merged_weight', 'MergePlan', 'untied_head', 'source_tensor', 'final_tensor', 'write_shards', 'write_index',
+           'embedding_rows', 'write_model_files', 'check_merge_output', 'merged_bytes', 'check_free_space', 'make_plan',
            'check_residual_merge', 'merge_adapter', 'logit_tolerance', 'base_as_trained', 'adapter_on_4bit',
            'peft_merged_original', 'run_dataset', 'run_eval_records', 'eval_data_records', 'report_records', 'as_batch',
            'conversation_batches', 'report_batches', 'example_scores', 'measure_merge', 'report_table', 'merge_report',
            'prompt_tokens', 'run_generation_config', 'continuations', 'base_before', 'side_by_side',
-           'side_by_side_html', 'before_after', 'before_after_widget', 'parse_merge_args', 'merge_main']
+           'side_by_side_html', 'before_after', 'before_after_widget']
 
 # %% ../nbs/09c_merge.ipynb #75e54fa9
 import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
-import argparse, json, math, os, re, shutil, sys, time, zipfile
+import json, math, re, shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +30,7 @@ import bitsandbytes.functional as bnbF
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checks import CommandFlags, ConfigError, answer_help, require, say
+from .checks import ConfigError, moved_names, require, say
 from .config import moves_base_weights
 from .files import json_problem, publish_checkpoint, write_json_atomic
 from .model import ADAPTER_WEIGHTS, adapter_weights_file, check_original_base_adapter, damaged_adapter
@@ -325,6 +325,19 @@ def check_merge_output(output_dir, overwrite: bool, inputs: list) -> tuple:
         say(f"removing {staging}: a merge into {out} was stopped before it finished."); shutil.rmtree(staging)
     return out, staging
 
+# %% ../nbs/09c_merge.ipynb #739dcaa5
+def merged_bytes(plan: MergePlan) -> int:
+    "Bytes of the merged weights: the base's, and any the adapter saves that the base lacks, in the output dtype."
+    shapes = [shape for _, shape in plan.shapes.values()] + [tuple(t.shape) for n, t in plan.saved.items()
+                                                              if n not in plan.shapes]
+    return torch.tensor([], dtype=plan.dtype).element_size() * sum(math.prod(s) for s in shapes)
+
+def check_free_space(plan: MergePlan, folder: Path):
+    "Refuse a merge whose weights would not fit in the free space of `folder`'s file system."
+    need, free = merged_bytes(plan), shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+    require(free > 1.05 * need, f"the merged model needs about {need / 2**30:.2f} GiB, but {folder} has "
+            f"{free / 2**30:.2f} GiB free: free some space, or choose another --output_dir.")
+
 # %% ../nbs/09c_merge.ipynb #89edfa86
 def make_plan(adapter: Path, base: Path, into: str = "dequantized", dtype: str | None = None) -> tuple:
     "(MergePlan, base config) for merging the adapter in folder `adapter` into the base in folder `base`, all checked."
@@ -376,6 +389,7 @@ def merge_adapter(adapter, # a run's output folder, a checkpoint, or an adapter 
     if is_tied(base_config) and not plan.tied:
         say("the base ties its output head to its input embeddings, but the adapter's head differs from them: the "
             "merged model is written untied (both matrices stored), so neither overwrites the other.")
+    check_free_space(plan, work.parent)  # before the first shard
     work.mkdir(parents=True)
     try:
         write_index(plan, work, *write_shards(plan, work))
@@ -652,52 +666,5 @@ def before_after_widget(base, adapter, merged=None, prompts=None, seed: int = 0,
     box.generate = generate  # the function behind the button
     return box
 
-# %% ../nbs/09c_merge.ipynb #269073ff
-MERGE_USAGE = """usage: qlora-nb merge --adapter DIR --output_dir DIR [--base PATH_OR_ID] [--into dequantized|original]
-                      [--dtype bf16|fp16|fp32] [--overwrite] [--eval_data FILE] [--max_examples N] [--no_report]
-
-Merges a LoRA adapter into its base model and writes a standalone model folder (safetensors shards, config, tokenizer,
-generation config) that `AutoModelForCausalLM.from_pretrained` loads without peft, and merge_report.json.
-  --adapter DIR       a run's output_dir, one of its checkpoints, or an adapter folder (adapter_config.json)
-  --base M            the base model (folder or hub id); default: the adapter's base_model_name_or_path
-  --into dequantized  (default) into the base as the run quantized and dequantized it: what the adapter was trained
-                      against; `original`: into the unquantized weights
-  --dtype D           the merged weights' dtype; default: the base's
-  --eval_data FILE    the report's examples (pairs or conversations, in the run's format); default: the run's
-                      eval split (its training data if it held none out), else a few fixed texts
-  --max_examples N    examples in the report (default 8)
-  --no_report         skip the report (it loads the 4-bit model, the merged model and the base, one at a time)"""
-
-def parse_merge_args(argv: list) -> argparse.Namespace:
-    "The flags of `qlora-nb merge`."
-    p = CommandFlags("merge")
-    p.add_argument("--adapter", required=True); p.add_argument("--output_dir", required=True); p.add_argument("--base")
-    p.add_argument("--into", choices=INTO, default="dequantized"); p.add_argument("--dtype", choices=list(DTYPES))
-    p.add_argument("--overwrite", action="store_true"); p.add_argument("--eval_data")
-    p.add_argument("--max_examples", type=int, default=8); p.add_argument("--no_report", action="store_true")
-    args = p.parse_args(argv)
-    require(args.max_examples > 0, f"--max_examples must be positive, got {args.max_examples}.")
-    return args
-
-# %% ../nbs/09c_merge.ipynb #811f6013
-def merge_main(argv=None) -> int:
-    "`qlora-nb merge`: merge an adapter into its base, write the folder and its report; returns the exit status."
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if (status := answer_help(argv, MERGE_USAGE)) is not None: return status
-    args = parse_merge_args(argv)
-    if args.eval_data is not None and not args.no_report:  # read now, not after the minutes the shards take
-        eval_data_records(args.eval_data, run_settings(find_adapter(args.adapter)))  # datasets caches what it read
-    report = None if args.no_report else \
-        lambda plan, adapter, base, work: merge_report(plan, adapter, base, work, args.eval_data, args.max_examples)
-    started = time.time()
-    try:
-        out = merge_adapter(args.adapter, args.output_dir, args.base, args.into, args.dtype, args.overwrite, report)
-        print(f"merged {args.adapter} into {args.into} weights -> {out}")
-    except KeyboardInterrupt:  # Ctrl-C: say which of the two states the folder is in (it is never in between)
-        out = Path(args.output_dir)
-        if (out/"config.json").is_file() and out.stat().st_mtime >= started:
-            say(f"interrupted after the merge had finished: {out} is complete.")
-        else: say(f"merge interrupted before it finished: nothing was written to {out} (the same command starts it "
-                  "again).")
-        return 130
-    return 0
+# %% ../nbs/09c_merge.ipynb #a1b2c3d4
+__getattr__ = moved_names(__name__, {n: "qlora_nb.cli" for n in ("merge_main", "parse_merge_args", "MERGE_USAGE")})

@@ -13,7 +13,7 @@ __all__ = ['MMLU_COLORS', 'MMLU_CURVE', 'CURVE_PANELS', 'TENSORBOARD_PREFIXES', 
            'plot_mmlu_runs', 'plot_run_summary']
 
 # %% ../nbs/11_plots.ipynb #9f055ffa
-import json, math, re
+import math, re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
