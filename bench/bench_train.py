@@ -4,6 +4,8 @@
     python bench/bench_train.py --models tiny    # the tiny model only (about 2.5 minutes)
     python bench/bench_train.py --rounds 2       # every configuration twice, interleaved; the best round is kept
     python bench/bench_train.py --no-write       # print the table without updating bench/RESULTS.md
+    python bench/bench_train.py --models real    # SmolLM2-135M-Instruct (`qlora-nb get-model`), fp32 and bf16 rows:
+                                                 # about 25 minutes on this CPU; skipped with one line when not cached
 
 Every configuration trains the same 4-bit NF4 (double quant) base model with the same LoRA adapters on every linear
 layer but lm_head, from the same synthetic Alpaca-like records (`qlora_nb.tiny.make_alpaca_records`), with the same
@@ -19,6 +21,8 @@ steps, each in a fresh subprocess (so its peak memory is its own) with the same 
   trl packing         best-fit-decreasing packing into rows of source_max_len + target_max_len tokens.
   qlora-nb            `qlora-nb train ...` exactly as a user types it (qlora_nb.cli.main in the worker process).
   qlora-nb --packing  the same with --packing.
+  ... --bf16          the same tool in bfloat16: qlora.py's and qlora-nb's `--bf16` (bf16 compute dtype, bf16 LoRA
+                      weights and autocast), TRL's `bf16=True` with a bf16 model and compute dtype.
   ... (full logits)   qlora-nb or qlora-nb --packing with `QLoRATrainer.label_only_loss = False`: lm_head and the
                       cross-entropy at every position, as transformers computes them, instead of only where a label
                       is (same loss and gradients): the measured gain of the label-only loss.
@@ -46,10 +50,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 WORK = ROOT/"bench"/"_work"  # git-ignored: data, the larger model, run folders, logs
 RESULTS = ROOT/"bench"/"RESULTS.md"
 MARK_START, MARK_END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
+REAL_START, REAL_END = "<!-- bench_train_real:start -->", "<!-- bench_train_real:end -->"  # the real model's section
 from qlora_py import IGNORE_INDEX, QloraPyCollator  # bench/qlora_py.py: qlora.py re-created
 
 FULL, FULL_PACKED = "qlora-nb (full logits)", "qlora-nb --packing (full logits)"
-CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", FULL, FULL_PACKED]
+FP32_CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", FULL, FULL_PACKED]
+BF16 = " --bf16"  # a configuration name ending in it: the same tool in bfloat16
+CONFIGS = FP32_CONFIGS + [c + BF16 for c in ["qlora.py", "trl", "trl packing", "qlora-nb", "qlora-nb --packing"]]
 
 # Per model: how it is built, the LoRA rank, and how many steps to run (the larger model's steps take seconds each).
 MODELS = {
@@ -58,7 +65,13 @@ MODELS = {
     "larger": dict(desc="Llama built from a config: 8 layers, hidden 512, 8 heads, MLP 1376, vocab 32000 (LLaMA's); "
                         "tokenizer: the tiny BPE trained with room for 32000 tokens",
                    lora_r=64, batch_size=4, steps=5, warmup=1),
+    "real": dict(desc="SmolLM2-135M-Instruct (`qlora-nb get-model`): Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, "
+                      "MLP 1536, vocab 49152, tied embeddings",
+                 lora_r=64, batch_size=4, steps=5, warmup=1,
+                 configs=["qlora.py", "trl", "qlora-nb", "qlora-nb --packing",
+                          "qlora.py --bf16", "trl --bf16", "qlora-nb --bf16", "qlora-nb --packing --bf16"]),
 }
+REAL_MODEL = "smollm2-135m-instruct"  # qlora_nb.sources.KNOWN_MODELS
 LARGER = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
 
@@ -162,28 +175,38 @@ class Observer:
 
 
 
-def qlora_py_bnb_config():
+def spec_dtype(spec):
+    "The run's float dtype: bfloat16 for a --bf16 configuration, float32 otherwise."
     import torch
+    return torch.bfloat16 if spec.get("bf16") else torch.float32
+
+
+def qlora_py_bnb_config(spec):
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=True, load_in_8bit=False, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
-                              bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
+                              bnb_4bit_compute_dtype=spec_dtype(spec), bnb_4bit_use_double_quant=True,
+                              bnb_4bit_quant_type="nf4")
 
 
 def qlora_py_model(spec):
-    "qlora.py's get_accelerate_model for --bits 4 on fp32 (no --fp16/--bf16)."
+    "qlora.py's get_accelerate_model for --bits 4, fp32 or --bf16."
     import torch, bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(spec["model"], device_map={"": "cpu"},  # qlora.py: "auto" + per-GPU max_memory
-                                                 quantization_config=qlora_py_bnb_config(), dtype=torch.float32)
+                                                 quantization_config=qlora_py_bnb_config(spec), dtype=spec_dtype(spec))
     setattr(model, 'model_parallel', True); setattr(model, 'is_parallelizable', True)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.gradient_checkpointing_enable()
     names = {n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)} - {"lm_head"}
     model = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], target_modules=sorted(names),
                                              lora_dropout=spec["lora_dropout"], bias="none", task_type="CAUSAL_LM"))
-    for name, module in model.named_modules():
+    from peft.tuners.lora import LoraLayer
+    for name, module in model.named_modules():  # qlora.py's dtype fixes
+        if isinstance(module, LoraLayer) and spec.get("bf16"): module.to(torch.bfloat16)
         if 'norm' in name: module.to(torch.float32)
+        if ('lm_head' in name or 'embed_tokens' in name) and hasattr(module, 'weight'):
+            if spec.get("bf16") and module.weight.dtype == torch.float32: module.to(torch.bfloat16)
     model.config.use_cache = False
     return model
 
@@ -206,7 +229,8 @@ def common_training_args(spec) -> dict:
     return dict(output_dir=spec["output_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
                 gradient_accumulation_steps=1, optim=spec["optim"], learning_rate=2e-4, max_grad_norm=0.3,
                 weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0.03, logging_steps=10,
-                activation_checkpointing=True, save_strategy="no", report_to="none", use_cpu=True, seed=42)
+                activation_checkpointing=True, save_strategy="no", report_to="none", use_cpu=True, seed=42,
+                bf16=bool(spec.get("bf16")))
 
 
 def run_qlora_py(spec):
@@ -238,18 +262,18 @@ def run_trl(spec, packing=False, padding_free=False):
     data = Dataset.from_json(spec["data"])
     data = data.map(lambda x: {"prompt": extract_alpaca_dataset(x)["input"], "completion": x["output"]},
                     remove_columns=data.column_names)  # TRL adds the EOS to each completion
-    args = SFTConfig(**common_training_args(spec), bf16=False, packing=packing, padding_free=padding_free,
+    args = SFTConfig(**common_training_args(spec), packing=packing, padding_free=padding_free,
                      # padding_free without packing does not truncate (TRL refuses a max_length): no record is that long
                      max_length=None if padding_free and not packing else spec["source_max_len"] + spec["target_max_len"],
                      train_sampling_strategy="random" if packing else "group_by_length", completion_only_loss=True,
-                     model_init_kwargs=dict(quantization_config=qlora_py_bnb_config(), dtype=torch.float32,
+                     model_init_kwargs=dict(quantization_config=qlora_py_bnb_config(spec), dtype=spec_dtype(spec),
                                             device_map={"": "cpu"}))
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"], bias="none",
                       task_type="CAUSAL_LM", target_modules="all-linear")  # every linear layer but lm_head
     tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="right")
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     for p in trainer.model.parameters():  # TRL casts 4-bit models' adapters to bf16; keep them fp32 like the others
-        if p.requires_grad: p.data = p.data.float()
+        if p.requires_grad and not spec.get("bf16"): p.data = p.data.float()
     trainer.train()
 
 
@@ -264,7 +288,7 @@ def qlora_nb_argv(spec, packing=False) -> list:
             "--source_max_len", spec["source_max_len"], "--target_max_len", spec["target_max_len"],
             "--lora_r", spec["lora_r"], "--lora_alpha", spec["lora_alpha"], "--lora_dropout", spec["lora_dropout"],
             "--optim", spec["optim"], "--save_strategy", "no", "--seed", 42]
-    return [str(a) for a in argv] + (["--packing"] if packing else [])
+    return [str(a) for a in argv] + (["--packing"] if packing else []) + (["--bf16"] if spec.get("bf16") else [])
 
 
 def run_qlora_nb(spec, packing=False):
@@ -292,7 +316,7 @@ def worker(config: str, spec_path: str, result_path: str):
     import torch
     torch.set_num_threads(spec["threads"])
     observer = Observer(); observer.install()
-    RUNNERS[config](spec)
+    RUNNERS[config.removesuffix(BF16)](spec | dict(bf16=config.endswith(BF16)))
     Path(result_path).write_text(json.dumps(observer.result(spec["warmup"])))
 
 
@@ -322,9 +346,19 @@ def prepare(opts) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     data = WORK/f"alpaca-{opts.records}.json"
     if not data.exists(): data.write_text(json.dumps(make_alpaca_records(opts.records, seed=0)))
-    paths = {"tiny": tiny_model_path(), "larger": WORK/"llama-58m"}
+    paths = {"tiny": tiny_model_path(), "larger": WORK/"llama-58m", "real": real_model_folder()}
     if "larger" in opts.models: build_larger_model(paths["larger"])
+    if "real" in opts.models and paths["real"] is None:
+        print(f"skipping the real model: {REAL_MODEL} is not cached (`qlora-nb get-model` fetches it)", flush=True)
+        opts.models.remove("real")
     return data, paths
+
+
+def real_model_folder() -> Path | None:
+    "SmolLM2-135M-Instruct's folder in qlora_nb's cache, or None when `qlora-nb get-model` has not fetched it."
+    from qlora_nb.sources import known_model_folder
+    folder = known_model_folder(REAL_MODEL)
+    return folder if (folder/"config.json").exists() else None
 
 
 def run_config(config, model_name, model_path, data, opts, round_no=0) -> dict:
@@ -377,23 +411,37 @@ def ratio_lines(res: dict, key="real_tok_cpu_s") -> list:
         if num in tps and den in tps:
             out.append(f"- {name}: **{tps[num][0] / tps[den][0]:.2f}x** (wall clock: {tps[num][1] / tps[den][1]:.2f}x)")
     ratio("qlora-nb / qlora.py", "qlora-nb", "qlora.py")
+    ratio("qlora-nb / trl (fp32)", "qlora-nb", "trl")
+    ratio("qlora-nb --bf16 / qlora.py --bf16", "qlora-nb --bf16", "qlora.py --bf16")
+    ratio("qlora-nb --bf16 / trl --bf16", "qlora-nb --bf16", "trl --bf16")
+    ratio("qlora-nb --bf16 / qlora-nb (fp32)", "qlora-nb --bf16", "qlora-nb")
+    for tool in ("qlora.py", "trl"):  # the best qlora-nb setting against the tool's best
+        mine = [c for c in tps if c.startswith("qlora-nb") and "full logits" not in c]
+        theirs = [c for c in tps if c == tool or c.startswith(tool + " ")]
+        if mine and theirs:
+            bo, bt = max(mine, key=lambda c: tps[c][0]), max(theirs, key=lambda c: tps[c][0])
+            ratio(f"best qlora-nb ({bo}) / best {tool} ({bt})", bo, bt)
     ratio("qlora-nb --packing / qlora.py", "qlora-nb --packing", "qlora.py")
-    trl = [c for c in tps if c.startswith("trl")]
-    ours = [c for c in tps if c.startswith("qlora-nb")]
-    if trl and ours:
-        bt, bo = max(trl, key=lambda c: tps[c][0]), max(ours, key=lambda c: tps[c][0])
-        ratio(f"best qlora-nb ({bo}) / best TRL ({bt})", bo, bt)
-    ratio("qlora-nb / trl (both padded, unpacked)", "qlora-nb", "trl")
     ratio("qlora-nb --packing / trl packing", "qlora-nb --packing", "trl packing")
     ratio("label-only lm_head, unpacked: qlora-nb / qlora-nb (full logits)", "qlora-nb", FULL)
     ratio("label-only lm_head, packed: qlora-nb --packing / qlora-nb --packing (full logits)", "qlora-nb --packing", FULL_PACKED)
     return out
 
 
+def cpu_features() -> str:
+    "The features that decide bf16's speed here: AVX512-BF16 and AMX (/proc/cpuinfo), and torch's kernel set."
+    import torch
+    flags = set(next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split())
+    amx = sorted(f for f in flags if f.startswith("amx"))
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return (f"AVX512-BF16: {'yes' if 'avx512_bf16' in flags else 'no'}; AMX: {', '.join(amx) if amx else 'no'}; "
+            f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
+            + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else ""))
+
+
 def machine(load_at_start) -> str:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    return (f"{os.cpu_count()} CPUs ({cpu}; AVX512-BF16: {'yes' if 'avx512_bf16' in flags else 'no'}), Linux "
+    return (f"{os.cpu_count()} CPUs ({cpu}; {cpu_features()}), Linux "
             f"{platform.release()}; shared with other work: load average {load_at_start:.1f} at the start")
 
 
@@ -403,15 +451,16 @@ def versions() -> str:
         + f", python {platform.python_version()}"
 
 
-def report(all_results: dict, opts, load_at_start) -> str:
+def report(all_results: dict, opts, load_at_start, start=MARK_START, end=MARK_END) -> str:
     "The Markdown section for bench/RESULTS.md (also printed)."
     cmd = " ".join(["python bench/bench_train.py", *sys.argv[1:]])
-    lines = [MARK_START, "## Training throughput on the CPU: qlora.py vs TRL SFTTrainer vs qlora-nb", "",
+    title = "on the real model (SmolLM2-135M-Instruct)" if start == REAL_START else "on the CPU"
+    lines = [start, f"## Training throughput {title}: qlora.py vs TRL SFTTrainer vs qlora-nb", "",
              f"Generated by `{cmd}` on {datetime.date.today()} (the figures below are replaced on each run).", "",
              f"- Machine: {machine(load_at_start)}.",
              f"- Versions: {versions()}.",
              f"- Same for every configuration: {opts.records} synthetic Alpaca records (`make_alpaca_records`, log-normal "
-             f"lengths), 4-bit NF4 + double quant, fp32 compute, LoRA alpha 16 / dropout 0 on every linear layer but lm_head, "
+             f"lengths), 4-bit NF4 + double quant, fp32 compute (bf16 compute, LoRA weights and autocast in the --bf16 rows), LoRA alpha 16 / dropout 0 on every linear layer but lm_head, "
              f"gradient accumulation 1, source_max_len {opts.source_max_len} / target_max_len {opts.target_max_len} "
              f"(packed rows and TRL's max_length: {opts.source_max_len + opts.target_max_len}), optimizer {opts.optim} "
              f"(bitsandbytes falls back to unpaged on the CPU), lr 2e-4 constant, activation checkpointing on, no "
@@ -432,10 +481,10 @@ def report(all_results: dict, opts, load_at_start) -> str:
     argv = qlora_nb_argv(dict(model="MODEL", data="DATA.json", output_dir="OUT", steps="N", batch_size="B",
                               source_max_len=opts.source_max_len, target_max_len=opts.target_max_len, lora_r="R",
                               lora_alpha=16, lora_dropout=0.0, optim=opts.optim))
-    lines += [f"The qlora-nb rows ran `qlora-nb {' '.join(argv)} [--packing]` (`qlora_nb.cli.main` in the worker "
+    lines += [f"The qlora-nb rows ran `qlora-nb {' '.join(argv)} [--packing] [--bf16]` (`qlora_nb.cli.main` in the worker "
               "process, so the observer can count its tokens); the (full logits) rows the same with "
               "`QLoRATrainer.label_only_loss = False` set first.", ""]
-    return "\n".join(lines + [MARK_END])
+    return "\n".join(lines + [end])
 
 
 def write_results(section: str, start: str = MARK_START, end: str = MARK_END):
@@ -450,8 +499,9 @@ def write_results(section: str, start: str = MARK_START, end: str = MARK_END):
 
 def parse_opts(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="tiny,larger", help="comma-separated: tiny, larger")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--models", default="tiny,larger,real", help="comma-separated: tiny, larger, real")
+    p.add_argument("--configs", default=None, help=f"comma-separated, from: {', '.join(CONFIGS)}; default: every fp32 "
+                   "configuration for tiny and larger, the fp32 and --bf16 rows of qlora.py, trl and qlora-nb for real")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every configuration (1: steady on shared cores)")
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, keep the best")
     p.add_argument("--batch_size", type=int, default=None, help="per-step batch (default: per model, see MODELS)")
@@ -463,9 +513,12 @@ def parse_opts(argv=None):
     p.add_argument("--optim", default="paged_adamw_32bit")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per configuration")
     p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the tables again from the last run's figures (bench/_work/last_results.json)")
     opts = p.parse_args(argv)
-    opts.models, opts.configs = opts.models.split(","), opts.configs.split(",")
-    bad = [c for c in opts.configs if c not in CONFIGS] + [m for m in opts.models if m not in MODELS]
+    opts.models = opts.models.split(",")
+    opts.configs = opts.configs.split(",") if opts.configs else None
+    bad = [c for c in opts.configs or [] if c not in CONFIGS] + [m for m in opts.models if m not in MODELS]
     if bad: p.error(f"unknown {bad}; configurations: {CONFIGS}; models: {list(MODELS)}")
     return opts
 
@@ -473,23 +526,49 @@ def parse_opts(argv=None):
 def main(argv=None):
     opts = parse_opts(argv)
     load_at_start = os.getloadavg()[0]
+    if opts.report_only:  # the tables again, from the last run's figures (its command line is kept with them)
+        runs = json.loads((WORK/"last_results.json").read_text())
+        sys.argv[1:] = runs.pop("_command", "python bench/bench_train.py").split()[2:]
+        load_at_start = runs.pop("_load_at_start", load_at_start)
+    else:
+        runs = run_all(opts)
+        (WORK/"last_results.json").write_text(json.dumps(runs | {"_command": " ".join(["python bench/bench_train.py",
+            *sys.argv[1:]]), "_load_at_start": load_at_start}, indent=1, default=str))
+    best = {m: {c: best_of(rs) for c, rs in by_config.items()} for m, by_config in runs.items()}
+    write_sections(best, opts, load_at_start)
+
+
+def run_all(opts) -> dict:
+    "{model: {configuration: [figures of each round]}}, running every configuration in its own process."
     data, paths = prepare(opts)
-    runs, t0 = {m: {c: [] for c in opts.configs} for m in opts.models}, time.perf_counter()
+    runs, t0 = {m: {c: [] for c in model_configs(m, opts)} for m in opts.models}, time.perf_counter()
     for model_name in opts.models:
+        configs = model_configs(model_name, opts)
         for round_no in range(opts.rounds):
-            shift = round_no % len(opts.configs)  # a different order each round
-            for config in opts.configs[shift:] + opts.configs[:shift]:
+            shift = round_no % len(configs)  # a different order each round
+            for config in configs[shift:] + configs[:shift]:
                 r = run_config(config, model_name, paths[model_name], data, opts, round_no)
                 runs[model_name][config].append(r)
                 print(f"[{time.perf_counter() - t0:5.0f}s] {model_name:6} {config:20} " +
                       (r["error"] if "error" in r else f"{r['real_tok_cpu_s']:7.0f} real tok/CPU s {r['real_tok_s']:7.0f} "
                        f"real tok/s {r['cpu_s_per_step']:6.2f} CPU s/step  peak RSS {r['peak_rss_mb']:.0f} MB  "
                        f"load {r['load']:.1f}"), flush=True)
-    best = {m: {c: best_of(rs) for c, rs in by_config.items()} for m, by_config in runs.items()}
-    section = report(best, opts, load_at_start)
-    print("\n" + section)
-    (WORK/"last_results.json").write_text(json.dumps(runs, indent=1, default=str))
-    if not opts.no_write: write_results(section); print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+    return runs
+
+
+def write_sections(best, opts, load_at_start):
+    "Print each table and write it to its section of bench/RESULTS.md (the real model's has its own)."
+    for models, (start, end) in (([m for m in best if m != "real"], (MARK_START, MARK_END)),
+                                 (["real"] if "real" in best else [], (REAL_START, REAL_END))):
+        if not models: continue
+        section = report({m: best[m] for m in models}, opts, load_at_start, start, end)
+        print("\n" + section)
+        if not opts.no_write: write_results(section, start, end); print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+
+
+def model_configs(model_name, opts) -> list:
+    "The configurations to run on `model_name`: --configs, or the model's own list, or every fp32 one."
+    return opts.configs or MODELS[model_name].get("configs", FP32_CONFIGS)
 
 
 if __name__ == "__main__":

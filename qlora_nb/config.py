@@ -6,12 +6,13 @@ Docs: https://qlora-nb.github.io/qlora_nb/config.html.md"""
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'CHAT_TEMPLATES', 'QUANT_TYPES', 'BITS', 'MMLU_DATASETS', 'MMLU_SPLITS',
-           'INIT_LORA_WEIGHTS', 'ADAPTER_FLAGS', 'PLANNING', 'LEGACY_FLAGS', 'ARG_CLASSES', 'DERIVED_FIELDS',
-           'ModelArguments', 'DataArguments', 'check_quantization', 'check_batching', 'check_run_length',
-           'check_intervals', 'check_resume_folder', 'comma_list', 'check_lora_variant', 'moves_base_weights',
-           'check_lora_init', 'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags', 'make_parser',
-           'known_flags', 'flag_table', 'merge_args', 'planning', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml',
-           'arg_value', 'cli_tokens', 'default_arg_values', 'args_values']
+           'INIT_LORA_WEIGHTS', 'ADAPTER_FLAGS', 'PLANNING', 'CPU_FP16_SLOWDOWN', 'LEGACY_FLAGS', 'ARG_CLASSES',
+           'DERIVED_FIELDS', 'ModelArguments', 'DataArguments', 'check_quantization', 'check_batching',
+           'check_run_length', 'check_intervals', 'check_resume_folder', 'comma_list', 'check_lora_variant',
+           'moves_base_weights', 'check_lora_init', 'on_cpu', 'check_cpu_precision', 'TrainingArguments',
+           'GenerationArguments', 'translate_legacy_flags', 'make_parser', 'known_flags', 'flag_table', 'merge_args',
+           'planning', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml', 'arg_value', 'cli_tokens',
+           'default_arg_values', 'args_values']
 
 # %% ../nbs/00_config.ipynb #ec043800
 import copy, dataclasses, enum, json, sys, warnings
@@ -72,7 +73,10 @@ class DataArguments:
         metadata={"help": "Record format; default: from the data set name or the file's columns.",
                   "choices": [None, *DATASET_FORMATS]})
     packing: bool = field(default=False,
-        metadata={"help": "Pack several examples into each row; attention never crosses an example boundary."})
+        metadata={"help": "Pack several examples into each row; attention never crosses an example boundary. Pays "
+            "when padding is a large share of the batches (random order, mixed lengths); with group_by_length (the "
+            "default) padding is about 1 slot in 20 and the longer rows cost attention and memory: on "
+            "SmolLM2-135M on a CPU it gained 0 to 3 percent and took up to 1.9 GB more (bench/RESULTS.md)."})
     chat_template: Optional[str] = field(default=None,
         metadata={"help": "Chat template for conversation data: a Jinja file, `tokenizer` (the model's own) or a shipped "
                           f"one ({', '.join(CHAT_TEMPLATES)}); default: the data format's own, else the tokenizer's."})
@@ -191,6 +195,24 @@ def check_lora_init(init: str, bits: int, do_train: bool):
     require(PLANNING.active or torch.cuda.is_available(), "--init_lora_weights loftq needs a CUDA GPU (peft's LoftQ "
             "computes on it) and this machine has none: train with --init_lora_weights true here, or run on a GPU.")
 
+# %% ../nbs/00_config.ipynb #a2842d29
+CPU_FP16_SLOWDOWN = 11  # float16 / float32 CPU time of a forward + backward of SmolLM2-135M, 4-bit LoRA (bench/RESULTS.md)
+
+def on_cpu(t) -> bool:
+    "Whether run `t` computes on the CPU: `--use_cpu`, or no GPU (or other accelerator) on this machine."
+    import torch
+    return bool(t.use_cpu) or not torch.accelerator.is_available()
+
+def check_cpu_precision(t):
+    "No float16 on a CPU, and `--bf16` on a CPU only with `--use_cpu` (`t`: the training arguments)."
+    if PLANNING.active or not on_cpu(t): return
+    require(not t.fp16, f"--fp16 on a CPU: CPUs have no fast float16 kernels, and training runs about "
+            f"{CPU_FP16_SLOWDOWN}x slower than in float32. Drop --fp16 (float32), or use --bf16 on a CPU with "
+            "AVX512-BF16 or AMX; --fp16 is for GPUs.")
+    require(not t.bf16 or t.use_cpu, "--bf16 on a machine without a GPU: add --use_cpu to train in bfloat16 on the CPU "
+            "(fast on CPUs with AVX512-BF16 or AMX, slower than float32 on others).")
+
+
 # %% ../nbs/00_config.ipynb #ae8a414e
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
@@ -251,6 +273,11 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     save_strategy: str = field(default="steps", metadata={"help": "When to save checkpoints."})
     save_steps: float = field(default=250, metadata={"help": "Save a checkpoint every N steps."})
     save_total_limit: Optional[int] = field(default=40, metadata={"help": "Checkpoints kept; older ones are deleted."})
+    bf16: bool = field(default=False, metadata={"help": "Compute in bfloat16 (4-bit compute dtype, LoRA weights, "
+        "autocast): fast on Ampere or newer GPUs, and on CPUs with AVX512-BF16 or AMX (about 2x float32 there; add "
+        "--use_cpu); slower than float32 on other CPUs."})
+    fp16: bool = field(default=False, metadata={"help": "Compute in float16 (GPUs; refused on a CPU, where it is "
+        f"about {CPU_FP16_SLOWDOWN}x slower than float32)."})
     start_over: bool = field(default=False,
         metadata={"help": "Train from scratch even if output_dir holds checkpoints or a completed run (they are replaced)."})
 
@@ -259,7 +286,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         check_quantization(self.bits, self.quant_type, self.full_finetune, self.lora_r, self.lora_dropout,
                            self.fp16, self.bf16, self.lora_alpha)
         check_lora_variant(self)
-        check_batching(self); check_run_length(self); check_intervals(self)
+        check_batching(self); check_run_length(self); check_intervals(self); check_cpu_precision(self)
         check_resume_folder(self.resume_from_checkpoint)
         require(self.mmlu_source_max_len > 0, f"mmlu_source_max_len must be positive, got {self.mmlu_source_max_len}.")
         require(self.max_mmlu_samples is None or self.max_mmlu_samples > 0,

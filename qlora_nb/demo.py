@@ -29,7 +29,8 @@ from .formatters import ALPACA_PROMPT_DICT
 from .mmlu import evaluate_mmlu, format_mmlu_question, load_mmlu, load_model_for_mmlu, mmlu_header
 from .plots import plot_mmlu_per_subject, plot_training_curves
 from .checks import say
-from .train import check_output_dir, train
+from .runs import check_output_dir
+from .train import train
 
 # %% ../nbs/12_demo.ipynb #a19ba61f
 CHARACTER_CLASSES = {"digit": "0123456789", "capital letter": "EFGHIJKLMNOPQRSTUVWXYZ",

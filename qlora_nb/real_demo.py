@@ -29,7 +29,8 @@ from .files import write_json_atomic, write_jsonl_atomic
 from .plots import plot_training_curves
 from .predict import generate_batch
 from .templates import prompt_ids
-from .train import COMPLETED, check_output_dir, train
+from .runs import COMPLETED, check_output_dir
+from .train import train
 
 # %% ../nbs/12a_real_demo.ipynb #rd000011
 SUBJECT = "Zelvoria"  # an island nation the project made up

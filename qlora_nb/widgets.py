@@ -11,6 +11,7 @@ __all__ = ['COMMON_INHERITED', 'EXTRA_CHOICES', 'SUGGESTIONS', 'TABS', 'CLASS_TA
 
 # %% ../nbs/10_widgets.ipynb #ca121753
 import dataclasses, enum, html, shlex, typing, warnings
+from types import SimpleNamespace
 from argparse import ArgumentTypeError
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers.training_args import OptimizerNames
 
 from .checks import ConfigError, require
 from .pictures import widget_html
+from .quant import cpu_bf16_hint
 from .config import (ARG_CLASSES, DATASET_NAMES, DERIVED_FIELDS, DataArguments,
                              GenerationArguments, ModelArguments, TrainingArguments, arg_value, args_values,
                              cli_tokens, default_arg_values, parse_args, read_yaml, save_yaml, to_yaml)
@@ -292,7 +294,7 @@ def refresh(self: ConfigForm):
 @patch
 def _device_error(self: ConfigForm, planned) -> str | None:
     "Why this machine cannot train settings that are a valid plan, or None."
-    if not planned.bf16: return None  # bf16 is the one device check a plan skips (`qlora_nb.config.planning`)
+    if not (planned.bf16 or planned.fp16): return None  # the device checks a plan skips (`qlora_nb.config.planning`)
     try: self.to_args()
     except ValueError as e: return str(e)
 
@@ -349,7 +351,9 @@ def update_estimate(self: ConfigForm):
     note = (f"{values['bits']}-bit, r={values['lora_r']}, batch {values['per_device_train_batch_size']} × {seq} "
             f"tokens, checkpointing {'on' if values['activation_checkpointing'] else 'off'}; "
             f"config from {self.config_source}")
-    self.memory.value = f"{memory_table_html(self.estimate, note)}<div><b>{fit_summary(self.estimate)}</b></div>"
+    hint = cpu_bf16_hint(SimpleNamespace(**values))  # on a CPU: whether --bf16 is faster or slower here
+    self.memory.value = (f"{memory_table_html(self.estimate, note)}<div><b>{fit_summary(self.estimate)}</b></div>"
+                         + (f"<div>{html.escape(hint)}</div>" if hint else ""))
 
 # %% ../nbs/10_widgets.ipynb #80797fd9
 @patch
