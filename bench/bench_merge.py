@@ -20,7 +20,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 CHILD = """import json, os, sys, threading, time
 import torch; torch.set_num_threads(2)
-from qlora_nb.merge import merge_main
+from qlora_nb.cli import merge_main
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # resident now, not the peak of the imports
 baseline, peak, done = rss(), [0], threading.Event()

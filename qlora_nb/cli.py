@@ -262,7 +262,8 @@ def merge_main(argv=None) -> int:
     if (status := answer_help(argv, MERGE_USAGE)) is not None: return status
     args = parse_merge_args(argv)
     find_adapter(args.adapter); check_output_dir(args.output_dir, staged_beside=True)  # light: before torch loads
-    from qlora_nb.merge import eval_data_records, merge_adapter, merge_report  # the heavy imports, once flags hold
+    from qlora_nb.merge import merge_adapter  # the heavy imports, once the flags hold
+    from qlora_nb.merge_report import eval_data_records, merge_report
     if args.eval_data is not None and not args.no_report:  # read now, not after the minutes the shards take
         eval_data_records(args.eval_data, run_settings(find_adapter(args.adapter)))  # datasets caches what it read
     report = None if args.no_report else \

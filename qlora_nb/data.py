@@ -372,8 +372,10 @@ def make_data_module(tokenizer, args,
     if args.packing and train is not None:
         train = pack_dataset(train, args.source_max_len + args.target_max_len, args.train_on_source,
                              getattr(args, "length_column_name", "length"))
-    collator = DataCollatorForCausalLM(tokenizer, args.source_max_len, args.target_max_len,
-                                       args.train_on_source, args.predict_with_generate)
+    # the Trainer's collator trains and scores the eval loss, so it always builds labels; --do_predict generates with a
+    # collator of its own (`predict.prompt_collator`). qlora.py passed --predict_with_generate here, and a run given it
+    # trained on batches without labels: "The model did not return a loss".
+    collator = DataCollatorForCausalLM(tokenizer, args.source_max_len, args.target_max_len, args.train_on_source)
     return dict(train_dataset=train, eval_dataset=evaluation if args.do_eval else None,
                 predict_dataset=evaluation if args.do_predict else None, data_collator=collator)
 

@@ -6,12 +6,12 @@ Docs: https://qlora-nb.github.io/qlora_nb/testing.html.md"""
 
 # %% auto #0
 __all__ = ['SHORT_RUN', 'BF16_UNIT_ROUNDOFF', 'AVX512BF16_ROUNDS', 'STAND_IN_ROUNDS', 'FP32_UNIT_ROUNDOFF', 'short_run_flags',
-           'lora_b_grads_after_eval', 'unpacked_4bit', 'simulate_avx512bf16_cpu', 'cpu_4bit_rounds',
+           'short_run', 'lora_b_grads_after_eval', 'unpacked_4bit', 'simulate_avx512bf16_cpu', 'cpu_4bit_rounds',
            'bf16_4bit_product', 'product_tolerance', 'bf16_error_bound', 'check_4bit_product', 'loss_tolerance']
 
 # %% ../nbs/97_testing.ipynb #b38fbe77
 import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
-import contextlib
+import contextlib, io
 
 import torch
 import bitsandbytes as bnb
@@ -29,6 +29,16 @@ def short_run_flags(data_file, output_dir, *more, **overrides) -> list: # overri
     pairs = [a for k, v in values.items() if v is not None for a in (f"--{k}", str(v))]
     return ["--model_name_or_path", str(tiny_model_path()), "--dataset", str(data_file), "--output_dir", str(output_dir),
             *pairs, *more]
+
+# %% ../nbs/97_testing.ipynb #b6035cd3
+def short_run(data_file, output_dir, *more, base=None, **overrides):
+    "Train `short_run_flags`' run quietly (of the tiny model, or the model folder `base`); returns its output folder."
+    from pathlib import Path
+    from qlora_nb.train import train
+    flags = short_run_flags(data_file, output_dir, *more, **overrides)
+    if base is not None: flags[flags.index("--model_name_or_path") + 1] = str(base)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()): train(flags)
+    return Path(output_dir)
 
 # %% ../nbs/97_testing.ipynb #2463c2da
 def lora_b_grads_after_eval(model, input_ids: torch.Tensor) -> dict: # input_ids: a (batch, length) tensor of token ids
