@@ -18,7 +18,7 @@ import torch
 from fastcore.basics import patch
 from transformers import TextStreamer
 
-from .checks import CommandFlags, ConfigError, answer_help, require
+from .checks import command_flags, ConfigError, answer_help, require
 from .config import CHAT_TEMPLATES, parse_args
 from .model import adapter_weights_file, load_trained_model, trained_tokenizer
 from .predict import generation_config_for
@@ -39,7 +39,7 @@ Every model-loading and generation flag of `qlora-nb train` is accepted too (--q
 # %% ../nbs/09b_chat.ipynb #ae5432d9
 def parse_chat_args(argv: list):
     "The settings of `qlora-nb chat`: `qlora-nb train`'s namespace plus `adapter` and `system`."
-    own = CommandFlags("chat")
+    own = command_flags("chat")
     own.add_argument("--adapter"); own.add_argument("--system")
     mine, rest = own.parse_known_args(argv)
     require(any(a.split("=")[0] == "--model_name_or_path" for a in rest),

@@ -6,7 +6,7 @@ Docs: https://qlora-nb.github.io/qlora_nb/checks.html.md"""
 
 # %% auto #0
 __all__ = ['FLAG_ALIASES', 'ConfigError', 'require', 'say', 'closest_flag', 'flag_names', 'reject_unknown', 'split_config',
-           'moved_names', 'answer_help', 'CommandFlags']
+           'moved_names', 'answer_help', 'command_flags']
 
 # %% ../nbs/00_checks.ipynb #ab4d9fda
 import argparse, difflib, importlib, sys, warnings
@@ -98,10 +98,10 @@ def answer_help(argv: list, # the command's flags
     if needs_flags and not argv: print(usage, file=sys.stderr); return 2
     return None
 
-class CommandFlags(argparse.ArgumentParser):
+class _CommandParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage and exit the process
+        raise ConfigError(f"{self.prog}: {message} (`{self.prog} --help` lists its flags).")
+
+def command_flags(command: str) -> argparse.ArgumentParser: # a `qlora-nb` command's name: merge, chat, ...
     "argparse for one `qlora-nb` command: a mistake in its flags is a `ConfigError` naming the command, not an exit."
-    def __init__(self, command: str, **kwargs):
-        super().__init__(prog=f"qlora-nb {command}", add_help=False, allow_abbrev=False, **kwargs)
-        self.command = command
-    def error(self, message):
-        raise ConfigError(f"qlora-nb {self.command}: {message} (`qlora-nb {self.command} --help` lists its flags).")
+    return _CommandParser(prog=f"qlora-nb {command}", add_help=False, allow_abbrev=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import qlora_nb
 from . import __version__
-from .checks import (CommandFlags, ConfigError, answer_help, flag_names, moved_names, reject_unknown, require,
+from .checks import (command_flags, ConfigError, answer_help, flag_names, moved_names, reject_unknown, require,
                              say, split_config)
 from .files import cache_dir, write_json_atomic
 from .runs import check_output_dir, find_adapter, list_checkpoints, mmlu_results_file, run_settings
@@ -195,7 +195,7 @@ MMLU files: --mmlu_path DIR, else ./data/mmlu, else built from the hub's cais/mm
 
 def parse_mmlu_args(argv: list):
     "The settings of `qlora-nb mmlu`: `qlora-nb train`'s namespace plus `adapter` and `batch_size`."
-    own = CommandFlags("mmlu")
+    own = command_flags("mmlu")
     own.add_argument("--adapter"); own.add_argument("--batch_size", type=int)
     mine, rest = own.parse_known_args(argv)
     require(any(a.split("=")[0] == "--model_name_or_path" for a in rest),
@@ -248,7 +248,7 @@ MERGE_INTO, MERGE_DTYPES = ("dequantized", "original"), ("bf16", "fp16", "fp32")
 
 def parse_merge_args(argv: list):
     "The flags of `qlora-nb merge`."
-    p = CommandFlags("merge")
+    p = command_flags("merge")
     p.add_argument("--adapter", required=True); p.add_argument("--output_dir", required=True); p.add_argument("--base")
     p.add_argument("--into", choices=MERGE_INTO, default="dequantized"); p.add_argument("--dtype", choices=MERGE_DTYPES)
     p.add_argument("--overwrite", action="store_true"); p.add_argument("--eval_data")

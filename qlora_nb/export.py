@@ -22,7 +22,7 @@ import qlora_nb  # first: bitsandbytes, imported by merge, then loads without fe
 import argparse, hashlib, json, math, os, shutil, subprocess, sys, tarfile, tempfile
 from pathlib import Path
 
-from .checks import CommandFlags, ConfigError, answer_help, require, say
+from .checks import command_flags, ConfigError, answer_help, require, say
 from .files import write_json_atomic, publish_checkpoint
 from .runs import check_output_dir, find_adapter, output_folder, run_settings, run_tokenizer_folder
 
@@ -615,7 +615,7 @@ export_report.json. A failed check fails the command and leaves nothing in --out
 
 def parse_export_args(argv: list) -> argparse.Namespace:
     "The flags of `qlora-nb export`."
-    p = CommandFlags("export")
+    p = command_flags("export")
     p.add_argument("--install_converter", action="store_true"); p.add_argument("--sdist")
     installing = "--install_converter" in argv
     p.add_argument("--adapter", required=not installing); p.add_argument("--output_dir", required=not installing)

