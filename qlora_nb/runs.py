@@ -135,7 +135,8 @@ def check_output_dir(output_dir, # the folder a command writes
     require(not d.exists() or d.is_dir(), f"output_dir {d} is a file, not a folder: choose another --output_dir.")
     parent = next(p for p in ((*d.parents,) if staged_beside else (d, *d.parents)) if p.exists())
     require(parent.is_dir(), f"output_dir {d} cannot be created: {parent} is a file. Choose another --output_dir.")
-    try: os.close(fd := os.open(probe := parent/f".qlora-nb-probe-{os.getpid()}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)); os.unlink(probe)
+    probe = parent/f".qlora-nb-probe-{os.getpid()}"  # a new file there, removed at once
+    try: os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY)); os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"output_dir {d} is not writable ({e.strerror} in {parent}): choose a folder you can write to "
                           "with --output_dir.") from None
