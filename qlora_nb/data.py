@@ -7,12 +7,12 @@ Docs: https://qlora-nb.github.io/qlora_nb/data.html.md"""
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'EVAL_SPLITS', 'encode_sources', 'encode_targets', 'tokenize_examples', 'tokenize_dataset',
            'example_labels', 'pad_to_longest', 'DataCollatorForCausalLM', 'cut_source', 'show_labels',
-           'conversation_row', 'odd_shapes', 'tokenize_conversations', 'tokenize_conversation_dataset', 'pack_lengths',
-           'example_rows', 'pack_examples', 'pack_dataset', 'segment_ids', 'block_diagonal_mask',
-           'packed_attention_isolates', 'split_train_eval', 'take_first', 'check_answers', 'check_replies', 'Splits',
-           'is_conversation', 'numbered', 'formatted_splits', 'tokenized_splits', 'make_data_module',
-           'uses_chat_template', 'run_chat_template', 'first_with_tools', 'check_run_chat_template',
-           'set_run_chat_template']
+           'conversation_row', 'odd_shapes', 'tokenize_conversations', 'tokenize_conversation_dataset',
+           'no_conversation_fits', 'pack_lengths', 'example_rows', 'pack_examples', 'pack_dataset', 'segment_ids',
+           'block_diagonal_mask', 'packed_attention_isolates', 'split_train_eval', 'take_first', 'check_answers',
+           'check_replies', 'Splits', 'is_conversation', 'numbered', 'formatted_splits', 'run_splits',
+           'tokenized_splits', 'make_data_module', 'uses_chat_template', 'run_chat_template', 'first_with_tools',
+           'check_some_conversation_fits', 'check_run_chat_template', 'set_run_chat_template']
 
 # %% ../nbs/06_data.ipynb #ba5bef0b
 import bisect, json
@@ -204,9 +204,12 @@ def tokenize_conversation_dataset(dataset: Dataset, tokenizer, max_len: int, tra
         say(f"{where}: left out {dropped} of {len(dataset)} conversations: longer than {max_len} tokens "
             "(--source_max_len + --target_max_len) even without their earliest exchanges, or with no reply left.")
     if odd: say(odd)
-    require(len(out) > 0, f"{where}: no conversation fits in {max_len} tokens: raise --source_max_len or "
-            "--target_max_len.")
+    require(len(out) > 0, no_conversation_fits(where, max_len))
     return out
+
+def no_conversation_fits(where: str, max_len: int) -> str:
+    "The line that refuses a data set none of whose conversations fits in `max_len` tokens."
+    return f"{where}: no conversation fits in {max_len} tokens: raise --source_max_len or --target_max_len."
 
 # %% ../nbs/06_data.ipynb #67eaff4d
 @patch
@@ -354,10 +357,14 @@ def formatted_splits(args) -> Splits:
                   formatter.chat_template)
 
 # %% ../nbs/06_data.ipynb #2a63955f
+def run_splits(args, splits: Splits) -> tuple:
+    "(train, eval) as the run tokenizes them: train only when it trains; either may be None."
+    return splits.train if args.do_train else None, splits.eval
+
 def tokenized_splits(tokenizer, args, splits: Splits) -> tuple:
     "(train, eval) tokenized once: pairs into source and target ids, conversations into ids and labels."
     length_column = getattr(args, "length_column_name", "length")
-    train, evaluation = splits.train if args.do_train else None, splits.eval
+    train, evaluation = run_splits(args, splits)
     if not is_conversation(train if train is not None else evaluation):
         tokenize = lambda d, _: tokenize_dataset(d, tokenizer, args.source_max_len, args.target_max_len, length_column)
     else: tokenize = lambda d, prompts: tokenize_conversation_dataset(
@@ -398,16 +405,27 @@ def first_with_tools(dataset) -> tuple | None:
         if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             return (dataset["record"][k] if "record" in dataset.column_names else k), messages
 
+def check_some_conversation_fits(tokenizer, args, splits: Splits):
+    "Refuse a split none of whose conversations fits in the run's tokens; stops at the first that does."
+    max_len = args.source_max_len + args.target_max_len
+    for split in (s for s in run_splits(args, splits) if s is not None):
+        rows = (tokenize_conversations(split[i:i + 1], [i], tokenizer, max_len, args.train_on_source, where=args.dataset)
+                for i in range(len(split)))  # as training tokenizes them, one at a time
+        require(any(r["input_ids"] for r in rows), no_conversation_fits(args.dataset, max_len))
+
 def check_run_chat_template(args, splits: Splits):
-    "Fail before any model loads when the run's chat template cannot be found, or cannot write the data's tool turns."
+    "Fail before any model loads when the run's chat template cannot be found, cannot write the data's tool turns, or " \
+    "leaves no conversation of a split short enough to train on."
     from qlora_nb.model import base_tokenizer  # here: qlora_nb.model imports torch and bitsandbytes
     if not uses_chat_template(args, splits): return
     tokenizer = base_tokenizer(args)
-    tokenizer.chat_template = run_chat_template(tokenizer, args, splits)[1]
-    for split in (s for s in (splits.train, splits.eval) if s is not None and splits.conversational):
+    use_chat_template(tokenizer, None, run_chat_template(tokenizer, args, splits)[1], quiet=True)  # tokens as trained
+    if not splits.conversational: return
+    for split in (s for s in (splits.train, splits.eval) if s is not None):
         if (found := first_with_tools(split)) is None: continue
         try: check_conversation(found[1], tokenizer)
         except ConfigError as e: raise ConfigError(f"{args.dataset}, {locate(args.dataset, found[0])}: {e}") from None
+    check_some_conversation_fits(tokenizer, args, splits)
 
 def set_run_chat_template(tokenizer, model, args, splits: Splits) -> str | None:
     "Put the run's chat template on `tokenizer` (and its tokens into `model`); returns what it is (None: no template)."

@@ -6,10 +6,10 @@ Docs: https://qlora-nb.github.io/qlora_nb/lora.html.md"""
 
 # %% auto #0
 __all__ = ['CHECKPOINTING', 'MODULE_TYPES', 'true_numel', 'count_parameters', 'linear_layer_class', 'find_all_linear_names',
-           'lora_targets', 'lora_layer_indices', 'lora_modules_to_save', 'checkpointing_renames_ignored',
-           'prepare_for_training', 'make_lora_config', 'load_adapters', 'init_loftq', 'attach_lora',
-           'print_trainable_parameters', 'storage_of', 'dtype_table', 'module_type', 'parameters_by_module_type',
-           'fix_dtypes']
+           'lora_targets', 'lora_layer_indices', 'lora_modules_to_save', 'check_adapter_settings',
+           'checkpointing_renames_ignored', 'prepare_for_training', 'make_lora_config', 'load_adapters', 'init_loftq',
+           'attach_lora', 'print_trainable_parameters', 'storage_of', 'dtype_table', 'module_type',
+           'parameters_by_module_type', 'fix_dtypes']
 
 # %% ../nbs/03_lora.ipynb #79c90a61
 import contextlib, math, warnings
@@ -24,7 +24,7 @@ from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
 from .checks import ConfigError, require
 from .config import check_lora_init, comma_list
-from .quant import load_dtype, uses_fsdp
+from .quant import load_dtype, model_skeleton, uses_fsdp
 
 # %% ../nbs/03_lora.ipynb #8094a1e4
 def true_numel(param) -> int:
@@ -83,6 +83,13 @@ def lora_modules_to_save(args, model): # -> module names, or None
             f"outside the blocks it has {','.join(sorted(n for n, _ in model.named_children()) or ['-'])} and "
             f"{','.join(n for n, _ in getattr(model, 'model', model).named_children())}.")
     return names or None
+
+# %% ../nbs/03_lora.ipynb #e5347c56
+def check_adapter_settings(args):
+    "`--lora_target_modules`, `--lora_layers` and `--modules_to_save` checked on the model's skeleton: no weights load."
+    if args.full_finetune: return
+    skeleton = model_skeleton(args)
+    lora_targets(args, skeleton); lora_layer_indices(args, skeleton); lora_modules_to_save(args, skeleton)
 
 # %% ../nbs/03_lora.ipynb #93534fba
 CHECKPOINTING = {"use_reentrant": False}

@@ -8,7 +8,7 @@ Docs: https://qlora-nb.github.io/qlora_nb/quant.html.md"""
 __all__ = ['CPU_BF16_SPEEDUP', 'WEIGHT_FILES', 'CPU_4BIT_KERNELS', 'compute_dtype', 'load_dtype', 'uses_fsdp', 'quant_storage',
            'make_bnb_config', 'device_map_and_memory', 'bf16_hint', 'cpu_bf16_hardware', 'cpu_bf16_hint',
            'read_model_config', 'check_model_weights', 'check_not_prequantized', 'check_model_source', 'guard_cpu_4bit',
-           'cpu_4bit_kernel', 'cpu_kernels', 'load_base_model']
+           'cpu_4bit_kernel', 'cpu_kernels', 'load_base_model', 'model_skeleton']
 
 # %% ../nbs/02_quant.ipynb #c89ca57b
 import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
@@ -20,6 +20,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+from transformers.quantizers import AutoHfQuantizer
 
 from .config import ConfigError, on_cpu, require
 
@@ -214,4 +215,14 @@ def load_base_model(args):
         token=args.token, cache_dir=args.cache_dir)
     if hint := bf16_hint(args): print(hint)
     guard_cpu_4bit(model)
+    return model
+
+# %% ../nbs/02_quant.ipynb #95084647
+def model_skeleton(args):
+    "The model `load_base_model` builds, with its quantized layers, but on the meta device: no weights, about a second."
+    config = check_model_source(args)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=load_dtype(args), trust_remote_code=args.trust_remote_code)
+    if (bnb_config := make_bnb_config(args)) is not None:  # the quantizer from_pretrained uses swaps the same layers
+        AutoHfQuantizer.from_config(bnb_config).preprocess_model(model, device_map={"": "cpu"})
     return model

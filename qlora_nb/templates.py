@@ -117,7 +117,8 @@ def missing_template_tokens(tokenizer, template_text: str) -> list:
 
 # %% ../nbs/05a_templates.ipynb #5f3e86b4
 def add_template_tokens(tokenizer, model, # None: the tokenizer only
-                        tokens: list):
+                        tokens: list,
+                        quiet: bool = False): # say nothing (a check before the real run, which says it)
     "Add `tokens` as special tokens, with mean-initialised embedding rows if there is a `model`, and say so."
     if not tokens: return
     extra = {"extra_special_tokens": list(tokenizer.extra_special_tokens) + list(tokens)}  # keep the old ones
@@ -125,7 +126,7 @@ def add_template_tokens(tokenizer, model, # None: the tokenizer only
     else:
         from qlora_nb.model import smart_tokenizer_and_embedding_resize  # here: model loads torch and bitsandbytes
         smart_tokenizer_and_embedding_resize(extra, tokenizer, model)
-    say(f"added the chat template's special tokens {', '.join(tokens)} to the tokenizer ({len(tokenizer)} tokens "
+    if not quiet: say(f"added the chat template's special tokens {', '.join(tokens)} to the tokenizer ({len(tokenizer)} tokens "
         "now); their embedding rows start as the mean of the others, and LoRA does not train them (add "
         "--modules_to_save embed_tokens,lm_head to train those two matrices whole).")
 
@@ -214,14 +215,15 @@ def add_stop_token(model, token_id: int):
 # %% ../nbs/05a_templates.ipynb #5244ca6e
 def use_chat_template(tokenizer, # gets the template and the special tokens it lacks
                       model, # grows embedding rows for them and stops generating at end of turn; None: no model
-                      template_text: str) -> dict: # {"added": [tokens], "end_of_turn": token or None}
+                      template_text: str,
+                      quiet: bool = False) -> dict: # say nothing (a check before the real run, which says it) # {"added": [tokens], "end_of_turn": token or None}
     "Give `tokenizer` (and `model`) a chat template: its special tokens, and the end of a turn as a stop token."
     own, tokenizer.chat_template = template_text == own_template(tokenizer), template_text
     added = missing_template_tokens(tokenizer, template_text)
     if added and own:  # the model learned its own template's markers as the pieces they are
-        say(f"the tokenizer's own chat template writes {', '.join(added)} as several tokens each, as its model "
+        if not quiet: say(f"the tokenizer's own chat template writes {', '.join(added)} as several tokens each, as its model "
             "learned them; they are left so."); added = []
-    if added: add_template_tokens(tokenizer, model, added)
+    if added: add_template_tokens(tokenizer, model, added, quiet)
     eot = end_of_turn_id(tokenizer)
     if model is not None and eot is not None: add_stop_token(model, eot)
     return {"added": added, "end_of_turn": None if eot is None else tokenizer.convert_ids_to_tokens(eot)}

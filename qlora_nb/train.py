@@ -32,7 +32,7 @@ from .checks import say
 from .checks import ConfigError, require
 from .config import parse_args
 from .model import get_accelerate_model, save_trained_adapter
-from .lora import print_trainable_parameters
+from .lora import check_adapter_settings, print_trainable_parameters
 from .data import (check_run_chat_template, formatted_splits, make_data_module, packed_attention_isolates,
                            set_run_chat_template)
 from .files import json_problem, publish_checkpoint, write_json_atomic
@@ -466,6 +466,7 @@ def train(argv=None) -> dict | None:
     check_launch(args)
     check_trackers(args.training_args.report_to)
     if is_complete(args): return None
+    check_adapter_settings(args)  # the layers the flags name, on the model's skeleton: before data or weights load
     splits, mmlu_questions = read_run_inputs(args)
     with args.training_args.main_process_first(desc="checking output_dir"):  # under torchrun rank 0 tidies it first
         checkpoint, _ = find_resume_point(args)

@@ -2,7 +2,7 @@
 the file or flag and says how to fix it, no traceback, nothing written, and the model never loaded (issue 29). And
 `--report_to tensorboard`: refused in one line where tensorboard is not installed; where it is, its event files in the
 run folder read back as trainer_state.json's log history."""
-import json, os, shutil, subprocess
+import json, os, re, shutil, subprocess
 
 import pytest
 from helpers import listing, run_qlora_nb, tiny_flags
@@ -12,6 +12,9 @@ from qlora_nb.tiny import tiny_model_path
 NO_MODEL = """import qlora_nb, transformers
 def _loaded(*a, **k): raise AssertionError("a model was loaded before the bad input was found")
 transformers.AutoModelForCausalLM.from_pretrained = classmethod(_loaded)"""
+
+
+PROGRESS = re.compile(r"\d+ examples/s\]|\? examples/s\]")  # a line of a datasets progress bar
 
 
 def refused(*args, names: list, prelude: str = NO_MODEL, wrap: list = ()) -> str:
@@ -136,3 +139,30 @@ def test_tensorboard_events_in_the_run_read_back_as_the_log_history(run):
     assert set(written) == set(logged) and ("loss", 4) in logged, (sorted(written), sorted(logged))
     for key, value in logged.items():  # TensorBoard stores float32: rounding errs by at most 2**-24 of the value
         assert abs(written[key] - value) <= 2**-24 * abs(value), (key, written[key], value)
+
+
+# Also seen: checks that waited for the model. The layer names and the length budget are answered from the model's
+# config and the tokenizer alone (the prelude fails the test if a model loads).
+
+@pytest.mark.parametrize("flags, names", [
+    (["--lora_target_modules", "q_proj,qkv"], ["--lora_target_modules qkv: LlamaForCausalLM has no linear layer",
+                                               "Its linear layers are down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"]),
+    (["--lora_layers", "0,5"], ["--lora_layers 0,5: LlamaForCausalLM has 2 blocks, numbered 0 to 1"]),
+    (["--modules_to_save", "head"], ["--modules_to_save head: LlamaForCausalLM has no module of that name"]),
+])
+def test_a_layer_the_model_does_not_have(flags, names, data, tmp_path):
+    refused("train", *tiny_flags(data, tmp_path/"out", *flags), names=names)
+    assert not (tmp_path/"out").exists()
+
+
+def test_conversations_none_of_which_fits(tmp_path):
+    from qlora_nb.tiny import make_conversation_records
+    chats = tmp_path/"chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in make_conversation_records(12)))
+    status, out, err = run_qlora_nb("train", *tiny_flags(chats, tmp_path/"out", "--chat_template", "chatml",
+                                                         source_max_len=4, target_max_len=2), prelude=NO_MODEL)
+    *reading, last = err.strip("\n").split("\n")  # reading the file shows datasets' progress bars first
+    assert (status, out) == (2, "") and all(PROGRESS.search(line) for line in reading if line), err[-3000:]
+    assert last == f"qlora-nb: error: {chats}: no conversation fits in 6 tokens: raise --source_max_len or " \
+                   "--target_max_len.", err[-3000:]
+    assert not (tmp_path/"out").exists()
