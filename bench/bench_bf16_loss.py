@@ -25,11 +25,8 @@ LoRA weights. The tolerance (see `tolerance` below):
 It is a benchmark: it prints the figures and whether each step is within the tolerance; exit status 1 if one is not.
 """
 import argparse, json, math, os, subprocess, sys
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import ROOT  # bench/harness.py: offline, this checkout on sys.path
 WORK = ROOT/"bench"/"_work"/"bf16_loss"
 U_BF16 = 2.0 ** -8  # bfloat16: 8 significant bits (7 stored), round to nearest
 

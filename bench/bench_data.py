@@ -9,8 +9,7 @@ Prints, for one epoch through a DataLoader with transformers' LengthGroupedSampl
 for (a) qlora.py's pipeline re-created as it was (tokenizing strings inside the collator, grouping by characters),
 (b) qlora_nb pre-tokenized with grouping by tokens, (c) qlora_nb with packing. It is a benchmark, not a test.
 """
-import argparse, copy, os, sys, time
-from dataclasses import dataclass
+import argparse, os, sys, time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 import datasets
 from datasets import Dataset
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from transformers.trainer_pt_utils import LengthGroupedSampler

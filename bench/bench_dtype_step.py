@@ -5,8 +5,8 @@
 bf16 and fp16 run under autocast, as the Trainer runs them; the flags are parsed as a plan (`plan=True`) so that fp16,
 which `qlora-nb train` refuses on a CPU, can be measured. The figures quoted in bench/RESULTS.md (issue 28) came from it.
 """
-import os, sys, time
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import sys, time
+from harness import ROOT  # bench/harness.py: offline, this checkout on sys.path
 import torch
 torch.set_num_threads(1)
 from qlora_nb.config import parse_args
@@ -15,7 +15,7 @@ from qlora_nb.sources import known_model_folder
 dtype = sys.argv[1]; repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 flags = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[dtype]
 args = parse_args(["--model_name_or_path", str(known_model_folder("smollm2-135m-instruct")), "--use_cpu", "--lora_r", "8",
-                   "--output_dir", "bench/_work/dtype_step", *flags], quiet=True, plan=True)
+                   "--output_dir", str(ROOT/"bench"/"_work"/"dtype_step"), *flags], quiet=True, plan=True)
 model, tok = get_accelerate_model(args)
 model.train()
 g = torch.Generator().manual_seed(0)

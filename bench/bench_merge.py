@@ -10,7 +10,7 @@ double quantization, as a qlora-nb run records it), then runs `qlora-nb merge --
 samples its own resident memory (/proc/self/statm, every 5 ms) from the end of its imports (the baseline) to the end
 of the merge. It is a benchmark, not a test.
 """
-import argparse, json, os, subprocess, sys, tempfile, time
+import argparse, json, os, subprocess, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ For each: the figures (taught, kept, perplexity, before and after), the smallest
 wall time and the CPU time of the process. 2-thread settings run one at a time, 1-thread ones two at a time (2 cores).
 It is a benchmark, not a test: it prints a table and writes bench/_work/real_demo/results.json (git-ignored).
 """
-import argparse, concurrent.futures, json, os, resource, shutil, subprocess, sys, time
+import argparse, concurrent.futures, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,21 +37,20 @@ Metrics, over the timed steps (every step after the first `warmup` steps):
   pad               share of the batch slots that hold padding,
   peak RSS          the subprocess's peak resident memory (ru_maxrss), and the peak sampled during training only.
 The step clock is a TrainerCallback (on_step_end) and the token count a wrapper around Trainer.training_step; both
-observe and change nothing. It is a benchmark, not a test: it prints figures and writes its section of
-bench/RESULTS.md. Data, the larger model, run folders and logs go to bench/_work/ (git-ignored).
+observe and change nothing (bench/harness.py's Observer, shared with bench/gpu_check.py). It is a benchmark, not a
+test: it prints figures and writes its section of bench/RESULTS.md. Data, the larger model, run folders and logs go to
+bench/_work/ (git-ignored).
 """
-import argparse, datetime, json, os, platform, re, resource, subprocess, sys, threading, time
+import argparse, datetime, json, os, platform, re, sys, time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from harness import (ROOT, WORKER, Observer, nf4_config, run_qlora_nb, run_worker, train_trl,  # bench/harness.py
+                     worker_main)
 WORK = ROOT/"bench"/"_work"  # git-ignored: data, the larger model, run folders, logs
 RESULTS = ROOT/"bench"/"RESULTS.md"
 MARK_START, MARK_END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 REAL_START, REAL_END = "<!-- bench_train_real:start -->", "<!-- bench_train_real:end -->"  # the real model's section
-from qlora_py import IGNORE_INDEX, QloraPyCollator  # bench/qlora_py.py: qlora.py re-created
+from qlora_py import QloraPyCollator  # bench/qlora_py.py: qlora.py re-created
 
 FULL, FULL_PACKED = "qlora-nb (full logits)", "qlora-nb --packing (full logits)"
 FP32_CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", FULL, FULL_PACKED]
@@ -77,7 +76,7 @@ LARGER = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hid
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Shared by every worker: qlora.py's Alpaca prompt, the observer (step clock, token counter, memory sampler)
+# Shared by the qlora.py and TRL workers: qlora.py's Alpaca prompt
 
 ALPACA_PROMPT_DICT = {  # qlora.py's, verbatim
     "prompt_input": (
@@ -101,75 +100,6 @@ def extract_alpaca_dataset(example):
     return {'input': prompt_format.format(**example)}
 
 
-def rss_bytes() -> int:
-    "Resident memory of this process now."
-    with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def count_tokens(inputs) -> tuple:
-    "(real, trained, slots) of one batch, by one definition for every pipeline."
-    import torch
-    ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
-    if mask is not None and mask.dim() == 2: real = int(mask.sum())
-    else:  # packed rows without a mask: a row's examples end at its last label-bearing token, the rest is padding
-        at = torch.arange(ids.shape[1]).expand_as(ids)
-        real = int((torch.where(labels != IGNORE_INDEX, at, -1).max(dim=1).values + 1).sum())
-    return real, int((labels != IGNORE_INDEX).sum()), ids.numel()
-
-
-class Observer:
-    "Step clock, token counter and training-time memory sampler; installed before any Trainer is built."
-    def __init__(self):
-        self.steps, self.tokens, self.peak_train_rss, self.train_loss = [], {}, 0, None
-        self.t_start, self._sampling = time.perf_counter(), False
-
-    def install(self):
-        import transformers
-        from transformers import Trainer, TrainerCallback
-        obs, training_step = self, Trainer.training_step
-
-        def counting_training_step(trainer, model, inputs, *args, **kwargs):
-            step = trainer.state.global_step + 1  # the optimizer step this micro-batch belongs to
-            r, t, s = count_tokens(inputs)
-            old = obs.tokens.get(step, (0, 0, 0))
-            obs.tokens[step] = (old[0] + r, old[1] + t, old[2] + s)
-            return training_step(trainer, model, inputs, *args, **kwargs)
-        Trainer.training_step = counting_training_step
-
-        class StepClock(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                obs.steps.append((state.global_step, time.perf_counter(), time.process_time())); obs.start_sampling()
-            def on_step_end(self, args, state, control, **kw):
-                obs.steps.append((state.global_step, time.perf_counter(), time.process_time()))
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "train_loss" in logs: obs.train_loss = float(logs["train_loss"])
-            def on_train_end(self, args, state, control, **kw):
-                obs._sampling = False
-        transformers.trainer.DEFAULT_CALLBACKS.append(StepClock())  # every Trainer built from now on gets it
-
-    def start_sampling(self):
-        self._sampling = True
-        def sample():
-            while self._sampling:
-                self.peak_train_rss = max(self.peak_train_rss, rss_bytes()); time.sleep(0.05)
-        threading.Thread(target=sample, daemon=True).start()
-
-    def result(self, warmup: int) -> dict:
-        "Figures over the steps after `warmup`."
-        _, wall0, cpu0 = next(step for step in self.steps if step[0] == warmup)
-        last_step, wall1, cpu1 = self.steps[-1]
-        timed = range(warmup + 1, last_step + 1)
-        real, trained, slots = (sum(self.tokens.get(s, (0, 0, 0))[i] for s in timed) for i in range(3))
-        wall, cpu = wall1 - wall0, cpu1 - cpu0
-        return dict(steps=last_step, timed_steps=len(timed), wall_s=wall, cpu_s=cpu, s_per_step=wall / len(timed),
-                    cpu_s_per_step=cpu / len(timed), real_tokens=real, trained_tokens=trained, slots=slots,
-                    real_tok_s=real / wall, real_tok_cpu_s=real / cpu, trained_tok_cpu_s=trained / cpu,
-                    pad_share=1 - real / slots, load=os.getloadavg()[0],
-                    setup_s=self.steps[0][1] - self.t_start, train_loss=self.train_loss,
-                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    peak_train_rss_mb=self.peak_train_rss / 2**20)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # (a) qlora.py, re-created (transformers 5 names; the CPU device map; no checkpoint saving, as in every config)
 
@@ -181,20 +111,13 @@ def spec_dtype(spec):
     return torch.bfloat16 if spec.get("bf16") else torch.float32
 
 
-def qlora_py_bnb_config(spec):
-    from transformers import BitsAndBytesConfig
-    return BitsAndBytesConfig(load_in_4bit=True, load_in_8bit=False, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
-                              bnb_4bit_compute_dtype=spec_dtype(spec), bnb_4bit_use_double_quant=True,
-                              bnb_4bit_quant_type="nf4")
-
-
 def qlora_py_model(spec):
     "qlora.py's get_accelerate_model for --bits 4, fp32 or --bf16."
     import torch, bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(spec["model"], device_map={"": "cpu"},  # qlora.py: "auto" + per-GPU max_memory
-                                                 quantization_config=qlora_py_bnb_config(spec), dtype=spec_dtype(spec))
+                                                 quantization_config=nf4_config(spec_dtype(spec)), dtype=spec_dtype(spec))
     setattr(model, 'model_parallel', True); setattr(model, 'is_parallelizable', True)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.gradient_checkpointing_enable()
@@ -234,7 +157,6 @@ def common_training_args(spec) -> dict:
 
 
 def run_qlora_py(spec):
-    import torch
     from datasets import Dataset
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
     model = qlora_py_model(spec)
@@ -254,11 +176,9 @@ def run_qlora_py(spec):
 # (b) TRL's SFTTrainer
 
 def run_trl(spec, packing=False, padding_free=False):
-    import torch
+    "TRL's SFTTrainer on prompt/completion records, padded batches (or padding-free, or packed)."
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
     data = Dataset.from_json(spec["data"])
     data = data.map(lambda x: {"prompt": extract_alpaca_dataset(x)["input"], "completion": x["output"]},
                     remove_columns=data.column_names)  # TRL adds the EOS to each completion
@@ -266,15 +186,10 @@ def run_trl(spec, packing=False, padding_free=False):
                      # padding_free without packing does not truncate (TRL refuses a max_length): no record is that long
                      max_length=None if padding_free and not packing else spec["source_max_len"] + spec["target_max_len"],
                      train_sampling_strategy="random" if packing else "group_by_length", completion_only_loss=True,
-                     model_init_kwargs=dict(quantization_config=qlora_py_bnb_config(spec), dtype=spec_dtype(spec),
+                     model_init_kwargs=dict(quantization_config=nf4_config(spec_dtype(spec)), dtype=spec_dtype(spec),
                                             device_map={"": "cpu"}))
-    lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"], bias="none",
-                      task_type="CAUSAL_LM", target_modules="all-linear")  # every linear layer but lm_head
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="right")
-    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
-    for p in trainer.model.parameters():  # TRL casts 4-bit models' adapters to bf16; keep them fp32 like the others
-        if p.requires_grad and not spec.get("bf16"): p.data = p.data.float()
-    trainer.train()
+    train_trl(spec["model"], args, data, spec["lora_r"], spec["lora_alpha"], spec["lora_dropout"],
+              fp32=not spec.get("bf16"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,33 +206,28 @@ def qlora_nb_argv(spec, packing=False) -> list:
     return [str(a) for a in argv] + (["--packing"] if packing else []) + (["--bf16"] if spec.get("bf16") else [])
 
 
-def run_qlora_nb(spec, packing=False):
-    from qlora_nb.cli import main
-    rc = main(qlora_nb_argv(spec, packing))
-    if rc: raise SystemExit(f"qlora-nb train exited with status {rc}")
-
-
 def run_qlora_nb_full_logits(spec, packing=False):
     "qlora-nb with transformers' loss: lm_head and the cross-entropy at every position."
     from qlora_nb.train import QLoRATrainer
     QLoRATrainer.label_only_loss = False
-    run_qlora_nb(spec, packing=packing)
+    run_qlora_nb(qlora_nb_argv(spec, packing))
 
 
 RUNNERS = {"qlora.py": run_qlora_py, "trl": run_trl,
            "trl padding_free": lambda s: run_trl(s, padding_free=True), "trl packing": lambda s: run_trl(s, packing=True),
-           "qlora-nb": run_qlora_nb, "qlora-nb --packing": lambda s: run_qlora_nb(s, packing=True),
+           "qlora-nb": lambda s: run_qlora_nb(qlora_nb_argv(s)),
+           "qlora-nb --packing": lambda s: run_qlora_nb(qlora_nb_argv(s, packing=True)),
            FULL: run_qlora_nb_full_logits, FULL_PACKED: lambda s: run_qlora_nb_full_logits(s, packing=True)}
 
 
-def worker(config: str, spec_path: str, result_path: str):
-    "One configuration in this (fresh) process; writes its figures to `result_path`."
-    spec = json.loads(Path(spec_path).read_text())
+def worker(spec: dict) -> dict:
+    "One configuration in this (fresh) process (run_worker started it): its figures."
     import torch
     torch.set_num_threads(spec["threads"])
     observer = Observer(); observer.install()
+    config = spec["config"]
     RUNNERS[config.removesuffix(BF16)](spec | dict(bf16=config.endswith(BF16)))
-    Path(result_path).write_text(json.dumps(observer.result(spec["warmup"])))
+    return observer.result(spec["warmup"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,24 +275,14 @@ def run_config(config, model_name, model_path, data, opts, round_no=0) -> dict:
     "Run one configuration in a fresh subprocess; its figures, or {'error': ...}."
     m = MODELS[model_name]
     slug = f"{model_name}-" + re.sub(r"\W+", "_", config.replace("-", "")).strip("_")
-    spec = dict(model=str(model_path), data=str(data), output_dir=str(WORK/"runs"/slug), threads=opts.threads,
-                batch_size=opts.batch_size or m["batch_size"], steps=opts.steps or m["steps"],
+    spec = dict(config=config, model=str(model_path), data=str(data), output_dir=str(WORK/"runs"/slug),
+                threads=opts.threads, batch_size=opts.batch_size or m["batch_size"], steps=opts.steps or m["steps"],
                 warmup=m["warmup"] if opts.warmup is None else opts.warmup, optim=opts.optim,
                 source_max_len=opts.source_max_len, target_max_len=opts.target_max_len,
                 lora_r=m["lora_r"], lora_alpha=16, lora_dropout=0.0)
     (WORK/"logs").mkdir(exist_ok=True)
-    stem = WORK/"logs"/f"{slug}-round{round_no}"
-    spec_path, result_path, log = stem.with_suffix(".spec.json"), stem.with_suffix(".result.json"), stem.with_suffix(".log")
-    spec_path.write_text(json.dumps(spec)); result_path.unlink(missing_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        try: rc = subprocess.run([sys.executable, __file__, "--worker", config, str(spec_path), str(result_path)],
-                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=opts.timeout).returncode
-        except subprocess.TimeoutExpired: rc = "timeout"
-    if rc != 0 or not result_path.exists():
-        return dict(error=f"exit {rc}; see {log.relative_to(ROOT)}", process_s=time.perf_counter() - start)
-    return json.loads(result_path.read_text()) | dict(process_s=time.perf_counter() - start, spec=spec)
+    r = run_worker(__file__, spec, WORK/"logs"/f"{slug}-round{round_no}", opts.timeout, threads=opts.threads)
+    return r if "error" in r else r | dict(spec=spec)
 
 
 def best_of(runs: list) -> dict:
@@ -572,5 +472,5 @@ def model_configs(model_name, opts) -> list:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker": worker(*sys.argv[2:5])
+    if sys.argv[1:2] == [WORKER]: worker_main(worker)
     else: main()

@@ -27,15 +27,13 @@ forward 2, no base-weight gradients under LoRA, 4 without recomputation; attenti
 Each configuration then runs one more step under torch.profiler (untimed; `--no_profile`): GPU kernel time by group.
 Then FSDP-QLoRA (qlora_nb/configs/fsdp_qlora.yaml, one process): train with checkpoints, load the saved adapter with
 peft, and resume from the FSDP checkpoint in a fresh folder; the resumed adapter is compared with the straight run's.
+The worker processes, the step observer and the token count are bench/harness.py's, shared with bench/bench_train.py.
 """
-import argparse, importlib.util, json, math, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
+import argparse, importlib.util, json, math, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-IGNORE_INDEX = -100
+from harness import (ROOT, WORKER, Observer, child_env, nf4_config, run_qlora_nb, run_worker,  # bench/harness.py
+                     train_trl, worker_main)
 
 MODELS = {"1B": "meta-llama/Llama-3.2-1B", "3B": "meta-llama/Llama-3.2-3B", "8B": "meta-llama/Llama-3.1-8B"}
 Q4, BF16, TRL = "qlora-nb 4-bit", "qlora-nb bf16 LoRA", "trl 4-bit"
@@ -51,81 +49,7 @@ class Stopped(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Inside a worker process: the observer (step clock, token counter), and the three kinds of run
-
-def count_tokens(inputs) -> int:
-    "Real (non-pad) tokens of one batch: the attention mask's ones, or for packed rows everything up to the last label."
-    import torch
-    ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
-    if mask is not None and mask.dim() == 2: return int(mask.sum())
-    at = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # a packed row's padding follows its last example
-    return int((torch.where(labels != IGNORE_INDEX, at, -1).max(dim=1).values + 1).sum())
-
-
-class Observer:
-    "Times each optimizer step (after a CUDA sync) and counts each step's real tokens; changes nothing."
-    def __init__(self):
-        self.steps, self.tokens, self.loss, self.bits, self.losses, self.profile = [], {}, None, None, {}, None
-
-    def install(self, weight_bits=False, profile_step=None):
-        "`profile_step`: the optimizer step (1-based) to run under torch.profiler (one step after the timed ones)."
-        import torch, transformers
-        from transformers import Trainer, TrainerCallback
-        obs, training_step = self, Trainer.training_step
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        def counting_training_step(trainer, model, inputs, *args, **kwargs):
-            step = trainer.state.global_step + 1
-            obs.tokens[step] = obs.tokens.get(step, 0) + count_tokens(inputs)
-            return training_step(trainer, model, inputs, *args, **kwargs)
-        Trainer.training_step = counting_training_step
-        class StepClock(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kw):
-                if weight_bits and model is not None: obs.bits = measured_weight_bits(model)
-                sync(); obs.steps.append((state.global_step, time.perf_counter()))
-            def on_step_end(self, args, state, control, **kw):
-                sync(); obs.steps.append((state.global_step, time.perf_counter()))
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs: obs.loss = obs.losses[state.global_step] = float(logs["loss"])
-        class StepProfile(TrainerCallback):  # after StepClock: its sync ends the step before the profiler stops
-            prof = t0 = None
-            def on_step_begin(self, args, state, control, **kw):
-                if state.global_step + 1 == profile_step:
-                    from torch.profiler import ProfilerActivity, profile
-                    sync()
-                    acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]  # kernels only
-                    self.prof = profile(activities=acts); self.prof.__enter__(); self.t0 = time.perf_counter()
-            def on_step_end(self, args, state, control, **kw):
-                if self.prof is not None and state.global_step == profile_step:
-                    sync(); wall = time.perf_counter() - self.t0
-                    self.prof.__exit__(None, None, None)
-                    try: obs.profile = summarize_profile(self.prof, wall)
-                    except Exception as e: obs.profile = dict(error=f"{type(e).__name__}: {e}"[:300])
-                    self.prof = None
-        transformers.trainer.DEFAULT_CALLBACKS.append(StepClock())
-        if profile_step: transformers.trainer.DEFAULT_CALLBACKS.append(StepProfile())
-
-    def result(self, warmup: int, upto: int | None = None) -> dict:
-        "Figures over the steps after `warmup`, up to step `upto` (the profiled step after it is not timed)."
-        import torch
-        start = next((s for s in self.steps if s[0] == warmup), self.steps[0])
-        (last, t1), t0 = next((s for s in self.steps if s[0] == upto), self.steps[-1]), start[1]
-        timed = range(start[0] + 1, last + 1)
-        tokens = sum(self.tokens.get(s, 0) for s in timed)
-        cuda = torch.cuda.is_available()
-        return dict(steps=last, timed_steps=len(timed), tokens=tokens, tokens_per_step=tokens / max(1, len(timed)),
-                    tokens_per_s=tokens / (t1 - t0), s_per_step=(t1 - t0) / max(1, len(timed)),
-                    loss=self.losses.get(last, self.loss), profile=self.profile,
-                    peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                    reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None,
-                    rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, weight_bits=self.bits)
-
-
-def measured_weight_bits(model) -> float | None:
-    "Bits per parameter of the 4-bit linear weights, measured on the loaded model."
-    from qlora_nb.lora import dtype_table
-    rows = [r for r in dtype_table(model) if r["dtype"] in ("nf4", "fp4")]
-    return 8 * sum(r["bytes"] for r in rows) / sum(r["params"] for r in rows) if rows else None
-
+# Inside a worker process (bench/harness.py's Observer watches it): the three kinds of run
 
 def qlora_nb_argv(spec: dict) -> list:
     "The `qlora-nb train` command line of a configuration."
@@ -145,29 +69,14 @@ def qlora_nb_argv(spec: dict) -> list:
     return [str(a) for a in argv]
 
 
-def run_qlora_nb(spec: dict):
-    from qlora_nb.cli import main
-    rc = main(qlora_nb_argv(spec))
-    if rc: raise SystemExit(f"qlora-nb train exited with status {rc}")
-
-
-def bnb_config(cuda: bool):
-    "4-bit NF4 with double quantization, bf16 compute on a GPU (qlora-nb's --bits 4 --bf16), fp32 on the CPU."
-    import torch
-    from transformers import BitsAndBytesConfig
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
-
-
 def run_trl(spec: dict):
     "TRL's SFTTrainer on qlora-nb's packed rows, padding-free, with the same 4-bit base and LoRA."
     import torch
     from datasets import load_from_disk
-    from peft import LoraConfig
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
     rows = load_from_disk(spec["rows"])
     cuda = spec["cuda"]
+    dtype = torch.bfloat16 if cuda else torch.float32  # the CPU smoke computes in fp32
     args = SFTConfig(output_dir=spec["output_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
                      gradient_accumulation_steps=1, optim=OPTIM, learning_rate=2e-4, lr_scheduler_type="constant",
                      max_grad_norm=0.3, weight_decay=0.0, warmup_steps=0.03, activation_checkpointing=True,
@@ -175,57 +84,19 @@ def run_trl(spec: dict):
                      padding_free=True, packing=False, max_length=None, use_liger_kernel=spec["liger"],
                      train_sampling_strategy="group_by_length", length_column_name="length",  # as qlora-nb's default
                      dataset_kwargs={"skip_prepare_dataset": True},  # the rows are tokenized, labelled and packed
-                     model_init_kwargs=dict(quantization_config=bnb_config(cuda),
-                                            dtype=torch.bfloat16 if cuda else torch.float32,
+                     model_init_kwargs=dict(quantization_config=nf4_config(dtype), dtype=dtype,
                                             device_map={"": 0} if cuda else {"": "cpu"}))
-    lora = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"], bias="none",
-                      task_type="CAUSAL_LM", target_modules="all-linear")  # every linear layer but lm_head
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="right")
-    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
-    if not cuda:  # TRL casts a 4-bit model's adapters to bf16; this CPU computes in fp32 (no AVX512-BF16 here)
-        for p in trainer.model.parameters():
-            if p.requires_grad: p.data = p.data.float()
-    trainer.train()
+    train_trl(spec["model"], args, rows, **LORA, fp32=not cuda)
 
 
-def worker(spec_path: str, result_path: str):
-    "One configuration in this (fresh) process; writes its figures to `result_path` (rank 0 only)."
-    spec = json.loads(Path(spec_path).read_text())
+def worker(spec: dict) -> dict:
+    "One configuration in this (fresh) process (run_worker started it): its figures."
     profile = bool(spec.get("profile"))  # then one step more, under torch.profiler, after the timed ones
     obs = Observer(); obs.install(weight_bits=spec["kind"] == Q4, profile_step=spec["steps"] + 1 if profile else None)
-    (run_trl if spec["kind"] == TRL else run_qlora_nb)(spec | dict(steps=spec["steps"] + profile))
-    if int(os.environ.get("RANK", 0)) == 0:
-        Path(result_path).write_text(json.dumps(obs.result(spec["warmup"], upto=spec["steps"])))
-
-
-KERNEL_GROUPS = [  # (group, substrings of a kernel's name, lower case), first match wins
-    ("4-bit dequantize", ("dequantize", "kdequant")), ("optimizer", ("optimizer", "adam")),
-    ("attention", ("flash", "fmha", "attention", "attn")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma", "matmul")),
-    ("copies", ("memcpy", "memset")), ("elementwise/reductions", ("at::native", "elementwise", "reduce")),
-    ("Triton (Liger etc.)", ("triton",))]
-
-
-def kernel_group(name: str) -> str:
-    low = name.lower()
-    g = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), None)
-    return g or ("Triton (Liger etc.)" if name.startswith("_") and name.endswith("kernel") else "other")
-
-
-def summarize_profile(prof, wall: float) -> dict:
-    "One profiled step: GPU kernel time by group and the top kernels (CPU ops' self time where there is no GPU)."
-    from torch.autograd import DeviceType
-    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    if events: times = [(e.name, e.time_range.elapsed_us()) for e in events]
-    else: times = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
-    by_name, groups = {}, {}
-    for name, us in times: by_name[name] = by_name.get(name, 0.0) + us
-    for name, us in by_name.items(): groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + us
-    total = sum(by_name.values())
-    top = sorted(by_name.items(), key=lambda x: -x[1])[:8]
-    return dict(device="cuda" if events else "cpu", wall_s=wall, kernel_s=total / 1e6, kernels=len(times),
-                groups={g: us / 1e6 for g, us in sorted(groups.items(), key=lambda x: -x[1])},
-                top=[(n[:90], us / 1e6) for n, us in top])
+    run = spec | dict(steps=spec["steps"] + profile)
+    if spec["kind"] == TRL: run_trl(run)
+    else: run_qlora_nb(qlora_nb_argv(run))
+    return obs.result(spec["warmup"], upto=spec["steps"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -417,13 +288,6 @@ def with_attention(folder: Path, impl: str) -> Path:
     return out
 
 
-SMOKE_THREADS = {}  # a smoke run: one torch thread per process, steady on shared cores (set in main)
-
-def child_env() -> dict:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return os.environ | {"PYTHONPATH": path} | SMOKE_THREADS
-
-
 def write_records(path: Path, n: int, max_words: int):
     from qlora_nb.tiny import make_alpaca_records
     path.write_text(json.dumps(make_alpaca_records(n, seed=1, max_words=max_words)))
@@ -461,25 +325,10 @@ def prepare_data(work: Path, model: Path, row_len: int, batch: int, steps: int, 
         n = math.ceil(n * need / max(1, counts["rows"]) * 1.2)
 
 
-def run_worker(spec: dict, work: Path, timeout: float, launcher: list | None = None) -> dict:
-    "Run one configuration in a fresh process (optionally through `accelerate launch`); its figures or its error."
+def run_config(spec: dict, work: Path, timeout: float, opts, launcher: list | None = None) -> dict:
+    "One configuration in a fresh process (optionally through `accelerate launch`), its files in `work`: figures or error."
     slug = re.sub(r"\W+", "_", spec["name"] + f"_{spec['model_key']}_{spec['row_len']}").strip("_")
-    spec_path, result, log = work/f"{slug}.spec.json", work/f"{slug}.result.json", work/f"{slug}.log"
-    spec_path.write_text(json.dumps(spec)); result.unlink(missing_ok=True)
-    cmd = [*(launcher or [sys.executable]), __file__, "--worker", str(spec_path), str(result)]
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        try: rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(), timeout=timeout).returncode
-        except subprocess.TimeoutExpired: rc = "timeout"
-    text = log.read_text(errors="replace")
-    if rc != 0 or not result.exists():
-        why = "out of GPU memory" if "CUDA out of memory" in text or "OutOfMemoryError" in text else f"exit {rc}"
-        lines = [l for l in text.splitlines() if l.strip()]
-        said = [l for l in lines if l.startswith("qlora-nb: error:")] or \
-               [l for l in lines if re.match(r"^\w+(Error|Exception)\b", l)] or lines[-1:]
-        return dict(error=f"{why}; {said[-1][:300] if said else ''} (log: {log})", process_s=time.perf_counter() - t0,
-                    log=str(log))
-    return json.loads(result.read_text()) | dict(process_s=time.perf_counter() - t0, log=str(log))
+    return run_worker(__file__, spec, work/slug, timeout, threads=opts.threads, launcher=launcher)
 
 
 def fsdp_checks(model: Path, data: Path, opts, work: Path, cuda: bool, left, out: list | None = None) -> list:
@@ -494,7 +343,7 @@ def fsdp_checks(model: Path, data: Path, opts, work: Path, cuda: bool, left, out
                 batch=opts.fsdp_batch, steps=steps, warmup=1, cuda=cuda, liger=False, save_steps=steps // 2)
     straight, resumed = work/"fsdp-straight", work/"fsdp-resumed"
     out = [] if out is None else out
-    r = run_worker(base | dict(name="fsdp train", output_dir=str(straight)), work, min(opts.timeout, left()), launch)
+    r = run_config(base | dict(name="fsdp train", output_dir=str(straight)), work, min(opts.timeout, left()), opts, launch)
     if "error" not in r:
         try:
             PeftConfig.from_pretrained(straight/"adapter_model")  # the saved adapter is one peft reads
@@ -513,8 +362,8 @@ def fsdp_checks(model: Path, data: Path, opts, work: Path, cuda: bool, left, out
         out.append((f"resume from checkpoint-{steps // 2} ({layout})",
                     dict(error=f"not started: {max(0, left()):.0f} s of --budget_s left (it needs about a minute)")))
         return out
-    r2 = run_worker(base | dict(name="fsdp resume", output_dir=str(resumed), resume=True), work,
-                    max(1, min(opts.timeout, left())), launch)
+    r2 = run_config(base | dict(name="fsdp resume", output_dir=str(resumed), resume=True), work,
+                    max(1, min(opts.timeout, left())), opts, launch)
     if "error" not in r2:
         a = load_file(straight/"adapter_model"/"adapter_model.safetensors")
         b = load_file(resumed/"adapter_model"/"adapter_model.safetensors")
@@ -542,14 +391,14 @@ def print_table(results: list, gpu: dict, fsdp: list, notes: list, opts):
         if p["skip"]: print(f"{p['name']:<34} {where}   skipped: {p['skip']}"); continue
         if "error" in r: print(f"{p['name']:<34} {where}   FAILED: {r['error']}"); continue
         peak = r["peak_bytes"] if cuda else None
-        mfu = (6 * p["n_matmul"] * r["tokens_per_s"] / (gpu["peak_tflops"] * 1e12)) if gpu["peak_tflops"] and cuda else None
+        mfu = (6 * p["n_matmul"] * r["real_tok_s"] / (gpu["peak_tflops"] * 1e12)) if gpu["peak_tflops"] and cuda else None
         ratio = "n/a" if not peak else f"{p['estimate'] / peak:.2f}"
         loss = "n/a" if r["loss"] is None else f"{r['loss']:.3f}"
-        print(f"{p['name']:<34} {where} {r['tokens_per_step']:>8.0f} {r['tokens_per_s']:>9.0f} {r['s_per_step']:>7.3f} "
+        print(f"{p['name']:<34} {where} {r['real_tokens'] / max(1, r['timed_steps']):>8.0f} {r['real_tok_s']:>9.0f} {r['s_per_step']:>7.3f} "
               f"{'n/a' if mfu is None else f'{mfu:.1%}':>6} {gib(peak):>8} {gib(r['reserved_bytes'] if cuda else None):>8} "
               f"{p['estimate'] / 2**30:>8.2f} {ratio:>8} {loss:>7}")
     if not cuda: print("(CPU smoke: no GPU memory to compare the estimate with; peak RSS per process: " +
-                       ", ".join(f"{gib(r.get('rss_bytes'))}" for p, r in results if not p["skip"] and "error" not in r) + " GiB)")
+                       ", ".join(f"{gib(r['peak_rss_mb'] * 2**20)}" for p, r in results if not p["skip"] and "error" not in r) + " GiB)")
     print("\nGoals (computed from the rows above):")
     groups = {}
     for p, r in results:
@@ -559,8 +408,8 @@ def print_table(results: list, gpu: dict, fsdp: list, notes: list, opts):
         trl = [(p, r) for p, r in rows if p["kind"] == TRL]
         tag = f"{key}, rows of {row_len}, {impl}"
         if ours and trl:
-            (po, ro), (pt, rt) = max(ours, key=lambda x: x[1]["tokens_per_s"]), max(trl, key=lambda x: x[1]["tokens_per_s"])
-            ratio = ro["tokens_per_s"] / rt["tokens_per_s"]
+            (po, ro), (pt, rt) = max(ours, key=lambda x: x[1]["real_tok_s"]), max(trl, key=lambda x: x[1]["real_tok_s"])
+            ratio = ro["real_tok_s"] / rt["real_tok_s"]
             print(f"- {tag}: tokens/s {po['name']} / best TRL ({pt['name']}): {ratio:.2f}x "
                   f"({'no slower than TRL' if ratio >= 1 else 'SLOWER than TRL'})")
             if cuda: print(f"- {tag}: peak memory {po['name']} / {pt['name']}: {ro['peak_bytes'] / rt['peak_bytes']:.2f}x "
@@ -568,7 +417,7 @@ def print_table(results: list, gpu: dict, fsdp: list, notes: list, opts):
         elif ours: print(f"- {tag}: no TRL row to compare with")
         for p, r in ours:
             if cuda and gpu["peak_tflops"]:
-                print(f"- {tag}: MFU {p['name']}: {6 * p['n_matmul'] * r['tokens_per_s'] / (gpu['peak_tflops'] * 1e12):.1%} "
+                print(f"- {tag}: MFU {p['name']}: {6 * p['n_matmul'] * r['real_tok_s'] / (gpu['peak_tflops'] * 1e12):.1%} "
                       f"(6 x {p['n_matmul'] / 1e9:.2f}B matmul weights x tokens/s / {gpu['peak_tflops']:g} TFLOP/s)")
             if r.get("weight_bits"): print(f"- {tag}: 4-bit weight bits per parameter: {r['weight_bits']:.3f} "
                                            f"({p['expected_bits']:.3f} expected from the layer shapes, NF4 with double quantization)")
@@ -598,7 +447,7 @@ def print_table(results: list, gpu: dict, fsdp: list, notes: list, opts):
             if "error" in r: print(f"- {name}: FAILED: {r['error']}"); continue
             extra = "".join(f", {k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else f", {k.replace('_', ' ')} {v}"
                             for k, v in r.items() if k in ("adapter_max_diff", "resumed_steps"))
-            print(f"- {name}: ok, {r['tokens_per_s']:.0f} tokens/s, peak {gib(r['peak_bytes'])} GiB, loss "
+            print(f"- {name}: ok, {r['real_tok_s']:.0f} tokens/s, peak {gib(r['peak_bytes'])} GiB, loss "
                   f"{r['loss'] if r['loss'] is None else round(r['loss'], 4)}{extra}")
 
 
@@ -640,12 +489,12 @@ def parse_opts(argv=None):
         o.steps, o.warmup = o.steps or 3, 1 if o.warmup is None else o.warmup
         o.fsdp_model, o.fsdp_row, o.fsdp_batch, o.fsdp_steps = "tiny", 256, 2, 4
     o.steps, o.warmup = o.steps or 5, 2 if o.warmup is None else o.warmup
+    o.threads = 1 if o.smoke else None  # a smoke run: one torch thread per process, steady on shared cores
     return o
 
 
 def main(argv=None):
     opts = parse_opts(argv)
-    if opts.smoke: SMOKE_THREADS.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     gpu = gpu_facts(opts)
     plan = [] if opts.fsdp_only and not opts.plan else make_plan(opts, gpu)
     if opts.plan: print_plan(plan, gpu, opts); return
@@ -691,10 +540,10 @@ def main(argv=None):
                         bits=16 if p["kind"] == BF16 else 4, steps=opts.steps, warmup=opts.warmup, cuda=cuda,
                         profile=not opts.no_profile)
             running = p
-            r = run_worker(spec, work, min(opts.timeout, opts.budget_s - (time.perf_counter() - t_start)))
+            r = run_config(spec, work, min(opts.timeout, opts.budget_s - (time.perf_counter() - t_start)), opts)
             running = None
             print(f"[{time.perf_counter() - t_start:5.0f} s] {p['name']:<34} {p['model_key']} {p['row_len']}x{p['batch']}: " +
-                  (r["error"] if "error" in r else f"{r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
+                  (r["error"] if "error" in r else f"{r['real_tok_s']:.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
                    f"peak {gib(r['peak_bytes'])} GiB, {r['process_s']:.0f} s in all"), flush=True)
             results.append((p, r)); save()
         if not opts.no_fsdp:
@@ -743,6 +592,6 @@ def run_notebook(path: str, flags=("cuda",)) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker": worker(*sys.argv[2:4])
+    if sys.argv[1:2] == [WORKER]: worker_main(worker)
     elif len(sys.argv) > 1 and sys.argv[1] == "--notebook": sys.exit(run_notebook(sys.argv[2]))
     else: main()

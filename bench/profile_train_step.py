@@ -8,11 +8,9 @@ lm_head, batch 4, source/target_max_len 256, 1 thread, activation checkpointing)
 share of CPU time (self time of the leaf operators) by kind: matrix products (split into lm_head's and the rest), 4-bit
 dequantization, attention, the loss, the optimizer step, and the rest; and the tokens of the profiled steps.
 """
-import argparse, json, os, sys, time
-from pathlib import Path
-os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/"bench"))
+import argparse, json
+
+from harness import ROOT, Observer, run_qlora_nb  # bench/harness.py
 WORK = ROOT/"bench"/"_work"
 
 
@@ -36,32 +34,23 @@ def main(argv=None):
     torch.set_num_threads(1)
     import transformers
     from torch.profiler import ProfilerActivity, profile
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
     from qlora_nb.sources import known_model_folder
-    from bench_train import count_tokens, qlora_nb_argv
-    from qlora_nb.cli import main as qlora_nb_main
+    from bench_train import qlora_nb_argv
     model = known_model_folder("smollm2-135m-instruct")
     data = WORK/"alpaca-2000.json"
     if not data.exists():
         from qlora_nb.tiny import make_alpaca_records
         WORK.mkdir(parents=True, exist_ok=True); data.write_text(json.dumps(make_alpaca_records(2000, seed=0)))
-    state = dict(prof=None, tokens=[0, 0], t=None)
-    training_step = Trainer.training_step
-    def counting(trainer, m, inputs, *a, **k):
-        if state["prof"] is not None:
-            r, t, _ = count_tokens(inputs); state["tokens"][0] += r; state["tokens"][1] += t
-        return training_step(trainer, m, inputs, *a, **k)
-    Trainer.training_step = counting
+    observer = Observer(); observer.install()  # the tokens and CPU seconds of the profiled steps
+    state = dict(prof=None)
 
-    class Prof(TrainerCallback):
+    class Prof(TrainerCallback):  # after the observer's step clock, whose steps 3 and 4 (end to end) are timed
         def on_step_begin(self, args, st, control, **kw):
             if st.global_step == 2:
                 state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=True); state["prof"].__enter__()
-                state["t"] = (time.process_time(), time.perf_counter())
         def on_step_end(self, args, st, control, **kw):
-            if st.global_step == 4 and state["prof"] is not None:
-                state["t"] = (time.process_time() - state["t"][0], time.perf_counter() - state["t"][1])
-                state["prof"].__exit__(None, None, None)
+            if st.global_step == 4 and state["prof"] is not None: state["prof"].__exit__(None, None, None)
     transformers.trainer.DEFAULT_CALLBACKS.append(Prof())
     if opts.full_logits:
         from qlora_nb.train import QLoRATrainer
@@ -69,9 +58,8 @@ def main(argv=None):
     spec = dict(model=str(model), data=str(data), output_dir=str(WORK/"runs"/"profile"), steps=4, batch_size=4,
                 source_max_len=256, target_max_len=256, lora_r=64, lora_alpha=16, lora_dropout=0.0,
                 optim="paged_adamw_32bit", bf16=opts.bf16)
-    rc = qlora_nb_main(qlora_nb_argv(spec, packing=opts.packing))
-    assert rc == 0, rc
-    prof = state["prof"]
+    run_qlora_nb(qlora_nb_argv(spec, packing=opts.packing))
+    prof, steps = state["prof"], observer.result(warmup=2, upto=4)
     events = prof.key_averages(group_by_input_shape=True)
     shares = {}
     for e in events:
@@ -80,7 +68,7 @@ def main(argv=None):
         shares[k] = shares.get(k, 0) + e.self_cpu_time_total
     opt = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("Optimizer.step"))
     total = sum(shares.values())
-    cpu_s, wall_s = state["t"]; real, trained = state["tokens"]
+    cpu_s, real, trained = steps["cpu_s"], steps["real_tokens"], steps["trained_tokens"]
     label = f"{'bf16' if opts.bf16 else 'fp32'}{' --packing' if opts.packing else ''}{' full logits' if opts.full_logits else ''}"
     print(f"\nPROFILE {label}: 2 steps, {real} real / {trained} trained tokens, {cpu_s:.1f} CPU s "
           f"({real / cpu_s:.0f} real tok / CPU s), profiled self time {total / 1e6:.1f} s")
