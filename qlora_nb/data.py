@@ -414,8 +414,8 @@ def check_some_conversation_fits(tokenizer, args, splits: Splits):
         require(any(r["input_ids"] for r in rows), no_conversation_fits(args.dataset, max_len))
 
 def check_run_chat_template(args, splits: Splits):
-    "Fail before any model loads when the run's chat template cannot be found, cannot write the data's tool turns, or " \
-    "leaves no conversation of a split short enough to train on."
+    """Fail before any model loads when the run's chat template cannot be found, cannot write the data's tool turns, or
+    leaves no conversation of a split short enough to train on."""
     from qlora_nb.model import base_tokenizer  # here: qlora_nb.model imports torch and bitsandbytes
     if not uses_chat_template(args, splits): return
     tokenizer = base_tokenizer(args)

@@ -126,7 +126,8 @@ def add_template_tokens(tokenizer, model, # None: the tokenizer only
     else:
         from qlora_nb.model import smart_tokenizer_and_embedding_resize  # here: model loads torch and bitsandbytes
         smart_tokenizer_and_embedding_resize(extra, tokenizer, model)
-    if not quiet: say(f"added the chat template's special tokens {', '.join(tokens)} to the tokenizer ({len(tokenizer)} tokens "
+    if quiet: return
+    say(f"added the chat template's special tokens {', '.join(tokens)} to the tokenizer ({len(tokenizer)} tokens "
         "now); their embedding rows start as the mean of the others, and LoRA does not train them (add "
         "--modules_to_save embed_tokens,lm_head to train those two matrices whole).")
 
@@ -216,13 +217,15 @@ def add_stop_token(model, token_id: int):
 def use_chat_template(tokenizer, # gets the template and the special tokens it lacks
                       model, # grows embedding rows for them and stops generating at end of turn; None: no model
                       template_text: str,
-                      quiet: bool = False) -> dict: # say nothing (a check before the real run, which says it) # {"added": [tokens], "end_of_turn": token or None}
+                      quiet: bool = False, # say nothing (a check before the real run, which says it)
+                     ) -> dict: # {"added": [tokens], "end_of_turn": token or None}
     "Give `tokenizer` (and `model`) a chat template: its special tokens, and the end of a turn as a stop token."
     own, tokenizer.chat_template = template_text == own_template(tokenizer), template_text
     added = missing_template_tokens(tokenizer, template_text)
     if added and own:  # the model learned its own template's markers as the pieces they are
-        if not quiet: say(f"the tokenizer's own chat template writes {', '.join(added)} as several tokens each, as its model "
-            "learned them; they are left so."); added = []
+        if not quiet: say(f"the tokenizer's own chat template writes {', '.join(added)} as several tokens each, as "
+                          "its model learned them; they are left so.")
+        added = []
     if added: add_template_tokens(tokenizer, model, added, quiet)
     eot = end_of_turn_id(tokenizer)
     if model is not None and eot is not None: add_stop_token(model, eot)
