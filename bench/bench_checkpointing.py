@@ -15,22 +15,21 @@ import argparse, functools, resource, sys, time
 from pathlib import Path
 
 from harness import ROOT, WORKER, run_worker, worker_main  # bench/harness.py: offline, this checkout on sys.path
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
 
 MODES = ("full", "selective", "none")
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
 
 def policy(ctx, op, *args, **kwargs):
-    "Selective checkpointing: keep every matrix product's output, recompute everything else."
-    import torch
-    from torch.utils.checkpoint import CheckpointPolicy
-    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-    return CheckpointPolicy.MUST_SAVE if op in products else CheckpointPolicy.PREFER_RECOMPUTE
+    "Selective checkpointing: keep every matrix product's output, recompute everything else (called for every op)."
+    return CheckpointPolicy.MUST_SAVE if op in PRODUCTS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def measure(spec: dict) -> dict:
     "One mode in this (fresh) process (run_worker started it): the figures; the last step's LoRA gradients to a file."
     mode, dtype, steps, out = spec["mode"], spec["dtype"], spec["steps"], Path(spec["grads"])
-    import torch
     torch.set_num_threads(1)
     import qlora_nb.lora as lora
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
@@ -69,7 +68,6 @@ def main(argv=None):
     p.add_argument("--work", default=str(ROOT/"bench"/"_work"/"checkpointing"))
     o = p.parse_args(argv)
     work = Path(o.work); work.mkdir(parents=True, exist_ok=True)
-    import torch
     print("| dtype | checkpointing | CPU s / step | of which system | vs full | peak RSS MB | growth MB | loss | largest gradient difference |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in o.dtypes.split(","):
