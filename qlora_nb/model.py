@@ -214,9 +214,9 @@ def cast_head_input(model) -> bool:
     if head is None or getattr(head, "weight", None) is None or head.weight.dtype == torch.float32: return False
     def cast(module, inputs):
         return tuple(x.to(module.weight.dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs)
+    cast.casts_input_to_weight_dtype = True  # qlora_nb.label_loss's chunked loss does the same cast itself
     head.register_forward_pre_hook(cast)
     return True
-
 
 # %% ../nbs/04_model.ipynb #75fafbb4
 def get_accelerate_model(args, # `qlora_nb.config.parse_args` result
