@@ -23,6 +23,10 @@ steps, each in a fresh subprocess (so its peak memory is its own) with the same 
   qlora-nb --packing  the same with --packing.
   ... --bf16          the same tool in bfloat16: qlora.py's and qlora-nb's `--bf16` (bf16 compute dtype, bf16 LoRA
                       weights and autocast), TRL's `bf16=True` with a bf16 model and compute dtype.
+  qlora-nb --gradient_checkpointing False
+                      qlora-nb without activation checkpointing (every other configuration recomputes each block's
+                      activations in the backward pass): faster, but it keeps every block's activations, so its peak
+                      memory is above the others' (not a candidate for "best" in the ratios).
   ... (full logits)   qlora-nb or qlora-nb --packing with `QLoRATrainer.label_only_loss = False`: lm_head and the
                       cross-entropy at every position, as transformers computes them, instead of only where a label
                       is (same loss and gradients): the measured gain of the label-only loss.
@@ -55,7 +59,8 @@ from qlora_py import QloraPyCollator  # bench/qlora_py.py: qlora.py re-created
 FULL, FULL_PACKED = "qlora-nb (full logits)", "qlora-nb --packing (full logits)"
 FP32_CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", FULL, FULL_PACKED]
 BF16 = " --bf16"  # a configuration name ending in it: the same tool in bfloat16
-CONFIGS = FP32_CONFIGS + [c + BF16 for c in ["qlora.py", "trl", "trl packing", "qlora-nb", "qlora-nb --packing"]]
+NOCKPT = "qlora-nb --gradient_checkpointing False"
+CONFIGS = FP32_CONFIGS + [NOCKPT] + [c + BF16 for c in ["qlora.py", "trl", "trl packing", "qlora-nb", "qlora-nb --packing", NOCKPT]]
 
 # Per model: how it is built, the LoRA rank, and how many steps to run (the larger model's steps take seconds each).
 MODELS = {
@@ -67,8 +72,8 @@ MODELS = {
     "real": dict(desc="SmolLM2-135M-Instruct (`qlora-nb get-model`): Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, "
                       "MLP 1536, vocab 49152, tied embeddings",
                  lora_r=64, batch_size=4, steps=5, warmup=1,
-                 configs=["qlora.py", "trl", "qlora-nb", "qlora-nb --packing",
-                          "qlora.py --bf16", "trl --bf16", "qlora-nb --bf16", "qlora-nb --packing --bf16"]),
+                 configs=["qlora.py", "trl", "qlora-nb", "qlora-nb --packing", NOCKPT,
+                          "qlora.py --bf16", "trl --bf16", "qlora-nb --bf16", "qlora-nb --packing --bf16", NOCKPT + BF16]),
 }
 REAL_MODEL = "smollm2-135m-instruct"  # qlora_nb.sources.KNOWN_MODELS
 LARGER = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
@@ -217,6 +222,7 @@ RUNNERS = {"qlora.py": run_qlora_py, "trl": run_trl,
            "trl padding_free": lambda s: run_trl(s, padding_free=True), "trl packing": lambda s: run_trl(s, packing=True),
            "qlora-nb": lambda s: run_qlora_nb(qlora_nb_argv(s)),
            "qlora-nb --packing": lambda s: run_qlora_nb(qlora_nb_argv(s, packing=True)),
+           NOCKPT: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--gradient_checkpointing", "False"]),
            FULL: run_qlora_nb_full_logits, FULL_PACKED: lambda s: run_qlora_nb_full_logits(s, packing=True)}
 
 
@@ -316,11 +322,13 @@ def ratio_lines(res: dict, key="real_tok_cpu_s") -> list:
     ratio("qlora-nb --bf16 / trl --bf16", "qlora-nb --bf16", "trl --bf16")
     ratio("qlora-nb --bf16 / qlora-nb (fp32)", "qlora-nb --bf16", "qlora-nb")
     for tool in ("qlora.py", "trl"):  # the best qlora-nb setting against the tool's best
-        mine = [c for c in tps if c.startswith("qlora-nb") and "full logits" not in c]
+        mine = [c for c in tps if c.startswith("qlora-nb") and "full logits" not in c and not c.startswith(NOCKPT)]
         theirs = [c for c in tps if c == tool or c.startswith(tool + " ")]
         if mine and theirs:
             bo, bt = max(mine, key=lambda c: tps[c][0]), max(theirs, key=lambda c: tps[c][0])
             ratio(f"best qlora-nb ({bo}) / best {tool} ({bt})", bo, bt)
+    ratio("qlora-nb --gradient_checkpointing False / qlora.py (more memory: see peak RSS)", NOCKPT, "qlora.py")
+    ratio("qlora-nb --gradient_checkpointing False --bf16 / qlora.py --bf16 (more memory: see peak RSS)", NOCKPT + BF16, "qlora.py --bf16")
     ratio("qlora-nb --packing / qlora.py", "qlora-nb --packing", "qlora.py")
     ratio("qlora-nb --packing / trl packing", "qlora-nb --packing", "trl packing")
     ratio("label-only lm_head, unpacked: qlora-nb / qlora-nb (full logits)", "qlora-nb", FULL)
@@ -363,7 +371,7 @@ def report(all_results: dict, opts, load_at_start, start=MARK_START, end=MARK_EN
              f"lengths), 4-bit NF4 + double quant, fp32 compute (bf16 compute, LoRA weights and autocast in the --bf16 rows), LoRA alpha 16 / dropout 0 on every linear layer but lm_head, "
              f"gradient accumulation 1, source_max_len {opts.source_max_len} / target_max_len {opts.target_max_len} "
              f"(packed rows and TRL's max_length: {opts.source_max_len + opts.target_max_len}), optimizer {opts.optim} "
-             f"(bitsandbytes falls back to unpaged on the CPU), lr 2e-4 constant, activation checkpointing on, no "
+             f"(bitsandbytes falls back to unpaged on the CPU), lr 2e-4 constant, activation checkpointing on (but in the --gradient_checkpointing False rows), no "
              f"checkpoint saving, {opts.threads} torch thread(s), one fresh process per configuration and round, "
              f"best of {opts.rounds} round(s) (configurations interleaved).",
              "- **real tok / CPU s** (the comparison metric): non-padding tokens (prompt + answer) per CPU second of the "
@@ -381,7 +389,7 @@ def report(all_results: dict, opts, load_at_start, start=MARK_START, end=MARK_EN
     argv = qlora_nb_argv(dict(model="MODEL", data="DATA.json", output_dir="OUT", steps="N", batch_size="B",
                               source_max_len=opts.source_max_len, target_max_len=opts.target_max_len, lora_r="R",
                               lora_alpha=16, lora_dropout=0.0, optim=opts.optim))
-    lines += [f"The qlora-nb rows ran `qlora-nb {' '.join(argv)} [--packing] [--bf16]` (`qlora_nb.cli.main` in the worker "
+    lines += [f"The qlora-nb rows ran `qlora-nb {' '.join(argv)} [--packing] [--bf16] [--gradient_checkpointing False]` (`qlora_nb.cli.main` in the worker "
               "process, so the observer can count its tokens); the (full logits) rows the same with "
               "`QLoRATrainer.label_only_loss = False` set first.", ""]
     return "\n".join(lines + [end])
