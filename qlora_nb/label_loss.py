@@ -45,7 +45,7 @@ def _plain_forward(m) -> bool:
 LOGITS_CHUNK_BYTES = {"cpu": 16 * 2**20}  # fp32 logits per chunk, by device type; others: 1 GiB (fewer, larger products)
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    "`scale` x the summed cross-entropy of `hidden @ weight.T` against `targets`, `rows` rows at a time, its gradient computed with it."
+    "`scale` x the summed cross-entropy of `hidden @ weight.T` against `targets`, `rows` rows at a time, with its gradient."
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, rows):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -67,18 +67,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad, = ctx.saved_tensors
         return grad * grad_loss.to(grad.dtype), None, None, None, None
 
+def _chunkable(lm_head) -> bool:
+    "lm_head is a frozen `nn.Linear` without bias that runs as its class does (but for --bf16's input cast)."
+    return (type(lm_head) is torch.nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+            and _plain_forward(lm_head))
+
 def lm_head_cross_entropy(lm_head, # the causal LM's output layer
                           hidden, # (rows, hidden size): the hidden states at the labelled positions
                           targets, # (rows,): the next tokens
                           num_items_in_batch=None): # as for `label_only_lm_head_loss`
     "`fixed_cross_entropy(lm_head(hidden).float(), targets, num_items_in_batch)`, in chunks when lm_head is a plain frozen linear layer."
-    w = getattr(lm_head, "weight", None)
-    if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None or w.requires_grad or not _plain_forward(lm_head) or not len(hidden):
+    if not _chunkable(lm_head) or not len(hidden):
         logits = lm_head(hidden).float()
         return fixed_cross_entropy(logits, targets.to(logits.device), num_items_in_batch)
     for cast in lm_head._forward_pre_hooks.values(): hidden, = cast(lm_head, (hidden,))  # --bf16: cast_head_input's
+    w = lm_head.weight
     rows = max(1, LOGITS_CHUNK_BYTES.get(w.device.type, 2**30) // (4 * w.shape[0]))
-    n = len(hidden) if num_items_in_batch is None else num_items_in_batch.to(hidden.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    n = len(hidden) if num_items_in_batch is None else num_items_in_batch  # what the summed loss is divided by
+    if torch.is_tensor(n): n = n.to(hidden.device)
     return ChunkedLinearCrossEntropy.apply(hidden, w, targets.to(hidden.device), 1 / n, rows)
 
 # %% ../nbs/07a_label_loss.ipynb #989f6097
