@@ -53,12 +53,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, len(hidden), rows):
             t = targets[s:s + rows]
             logits = F.linear(hidden[s:s + rows], weight)  # under autocast, in its dtype, as lm_head would be
+            weight = weight.to(logits.dtype)  # that dtype's copy, made once (autocast does not keep a frozen weight's)
             logp = logits.float().log_softmax(-1)  # upcast, as ForCausalLMLoss does
             at = torch.arange(len(t), device=t.device)
             total -= logp[at, t].sum()
             if grad is None: continue
             d = logp.exp_(); d[at, t] -= 1  # softmax - one-hot: the gradient of each row's cross-entropy
-            grad[s:s + rows] = d.mul_(scale).to(logits.dtype) @ weight.to(logits.dtype)
+            grad[s:s + rows] = d.mul_(scale).to(logits.dtype) @ weight
         ctx.save_for_backward(grad)
         return total * scale
 
