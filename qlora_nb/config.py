@@ -6,8 +6,8 @@ Docs: https://qlora-nb.github.io/qlora_nb/config.html.md"""
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'CHAT_TEMPLATES', 'QUANT_TYPES', 'BITS', 'MMLU_DATASETS', 'MMLU_SPLITS',
-           'INIT_LORA_WEIGHTS', 'ADAPTER_FLAGS', 'PLANNING', 'CPU_FP16_SLOWDOWN', 'LEGACY_FLAGS', 'ARG_CLASSES',
-           'DERIVED_FIELDS', 'ModelArguments', 'DataArguments', 'check_quantization', 'check_batching',
+           'INIT_LORA_WEIGHTS', 'ADAPTER_FLAGS', 'PLANNING', 'CPU_FP16_SLOWDOWN', 'CPU_BF16_SLOWDOWN', 'LEGACY_FLAGS',
+           'ARG_CLASSES', 'DERIVED_FIELDS', 'ModelArguments', 'DataArguments', 'check_quantization', 'check_batching',
            'check_run_length', 'check_intervals', 'check_resume_folder', 'comma_list', 'check_lora_variant',
            'moves_base_weights', 'check_lora_init', 'on_cpu', 'check_cpu_precision', 'TrainingArguments',
            'GenerationArguments', 'translate_legacy_flags', 'make_parser', 'known_flags', 'flag_table', 'merge_args',
@@ -197,6 +197,7 @@ def check_lora_init(init: str, bits: int, do_train: bool):
 
 # %% ../nbs/00_config.ipynb #a2842d29
 CPU_FP16_SLOWDOWN = 11  # float16 / float32 CPU time of a forward + backward of SmolLM2-135M, 4-bit LoRA (bench/RESULTS.md)
+CPU_BF16_SLOWDOWN = 13  # bfloat16 / float32 CPU time of a SmolLM2-135M training step without AVX-512 (bench/RESULTS.md)
 
 def on_cpu(t) -> bool:
     "Whether run `t` computes on the CPU: `--use_cpu`, or no GPU (or other accelerator) on this machine."
@@ -211,7 +212,6 @@ def check_cpu_precision(t):
             "AVX512-BF16 or AMX; --fp16 is for GPUs.")
     require(not t.bf16 or t.use_cpu, "--bf16 on a machine without a GPU: add --use_cpu to train in bfloat16 on the CPU "
             "(fast on CPUs with AVX512-BF16 or AMX, slower than float32 on others).")
-
 
 # %% ../nbs/00_config.ipynb #ae8a414e
 @dataclass
@@ -275,7 +275,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     save_total_limit: Optional[int] = field(default=40, metadata={"help": "Checkpoints kept; older ones are deleted."})
     bf16: bool = field(default=False, metadata={"help": "Compute in bfloat16 (4-bit compute dtype, LoRA weights, "
         "autocast): fast on Ampere or newer GPUs, and on CPUs with AVX512-BF16 or AMX (about 2x float32 there; add "
-        "--use_cpu); slower than float32 on other CPUs."})
+        f"--use_cpu); slower than float32 on other CPUs: 0.85x with AVX-512, {CPU_BF16_SLOWDOWN}x slower without."})
     fp16: bool = field(default=False, metadata={"help": "Compute in float16 (GPUs; refused on a CPU, where it is "
         f"about {CPU_FP16_SLOWDOWN}x slower than float32)."})
     start_over: bool = field(default=False,

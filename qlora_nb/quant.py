@@ -6,9 +6,9 @@ Docs: https://qlora-nb.github.io/qlora_nb/quant.html.md"""
 
 # %% auto #0
 __all__ = ['CPU_BF16_SPEEDUP', 'WEIGHT_FILES', 'CPU_4BIT_KERNELS', 'compute_dtype', 'load_dtype', 'uses_fsdp', 'quant_storage',
-           'make_bnb_config', 'device_map_and_memory', 'bf16_hint', 'cpu_bf16_hardware', 'cpu_bf16_hint',
-           'read_model_config', 'check_model_weights', 'check_not_prequantized', 'check_model_source', 'guard_cpu_4bit',
-           'cpu_4bit_kernel', 'cpu_kernels', 'load_base_model', 'model_skeleton']
+           'make_bnb_config', 'device_map_and_memory', 'bf16_hint', 'cpu_bf16_hardware', 'cpu_bf16_products',
+           'cpu_bf16_hint', 'read_model_config', 'check_model_weights', 'check_not_prequantized', 'check_model_source',
+           'guard_cpu_4bit', 'cpu_4bit_kernel', 'cpu_kernels', 'load_base_model', 'model_skeleton']
 
 # %% ../nbs/02_quant.ipynb #c89ca57b
 import qlora_nb  # first: bitsandbytes, imported next, then loads without fetching code (qlora_nb/__init__.py)
@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.quantizers import AutoHfQuantizer
 
-from .config import ConfigError, on_cpu, require
+from .config import CPU_BF16_SLOWDOWN, ConfigError, on_cpu, require
 
 # %% ../nbs/02_quant.ipynb #e72a36c3
 def compute_dtype(args) -> torch.dtype:
@@ -90,7 +90,12 @@ def cpu_bf16_hardware(avx512_bf16: bool | None = None, amx: bool | None = None) 
     avx512_bf16 = probe("_is_avx512_bf16_supported") if avx512_bf16 is None else avx512_bf16
     return "AMX" if amx else "AVX512-BF16" if avx512_bf16 else None
 
-def cpu_bf16_hint(args, hardware: str | None = "this CPU's") -> str | None: # "AMX", "AVX512-BF16" or None
+def cpu_bf16_products() -> bool:
+    "Whether torch sends bfloat16 matrix products to oneDNN on this CPU (AVX-512 or newer); else they are very slow."
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+def cpu_bf16_hint(args, hardware: str | None = "this CPU's", # "AMX", "AVX512-BF16" or None
+                  onednn: bool | None = None) -> str | None: # `cpu_bf16_products()`; default: this CPU's answer
     "On a CPU run: that `--bf16` would be faster here, or that it is slower here; None on a GPU or when nothing to say."
     if not on_cpu(args): return None
     hw = cpu_bf16_hardware() if hardware == "this CPU's" else hardware
@@ -98,9 +103,12 @@ def cpu_bf16_hint(args, hardware: str | None = "this CPU's") -> str | None: # "A
         return (f"This CPU has {hw}: --bf16 trains models of real size (SmolLM2-135M) about "
                 f"{CPU_BF16_SPEEDUP}x faster than float32 here; its loss curve stays within bfloat16's rounding of "
                 "float32's (bench/RESULTS.md).")
+    if args.bf16 and not hw and not (cpu_bf16_products() if onednn is None else onednn):
+        return (f"This CPU has no AVX-512, so torch has no fast bfloat16 matrix products here: --bf16 trains about "
+                f"{CPU_BF16_SLOWDOWN}x slower than float32 (bench/RESULTS.md); drop --bf16.")
     if args.bf16 and not hw:
-        return ("This CPU has neither AVX512-BF16 nor AMX: bfloat16 is emulated here and slower than float32; "
-                "drop --bf16.")
+        return ("This CPU has neither AVX512-BF16 nor AMX: bfloat16 is emulated here, at about 0.85x float32's "
+                "speed (bench/RESULTS.md); drop --bf16.")
 
 # %% ../nbs/02_quant.ipynb #c156452c
 def read_model_config(name, # --model_name_or_path: a local folder or a hub id
