@@ -136,7 +136,9 @@ def perf_main(opts, argv) -> None:
         os.mkfifo(ctl); os.mkfifo(ack)
         cmd = ["perf", "record", "-F", "999", "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(data), "--",
                sys.executable, __file__, *inner, "--perf-control", str(ctl), str(ack)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        if rc: sys.exit(f"perf record exited {rc} (see above); if it may not sample here, lower "
+                        "/proc/sys/kernel/perf_event_paranoid, or run without --perf for torch.profiler's view")
         report = subprocess.run(["perf", "report", "-i", str(data), "--sort", "dso,sym", "--stdio", "-F",
                                  "sample,dso,sym", "--field-separator", "\t"], capture_output=True, text=True,
                                 check=True).stdout

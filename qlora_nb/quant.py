@@ -92,7 +92,8 @@ def cpu_bf16_hardware(avx512_bf16: bool | None = None, amx: bool | None = None) 
 
 def cpu_bf16_products() -> bool:
     "Whether torch sends bfloat16 matrix products to oneDNN on this CPU (AVX-512 or newer); else they are very slow."
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # torch's own test (a private name)
+    return bool(probe()) if probe is not None else False
 
 def cpu_bf16_hint(args, hardware: str | None = "this CPU's", # "AMX", "AVX512-BF16" or None
                   onednn: bool | None = None) -> str | None: # `cpu_bf16_products()`; default: this CPU's answer
