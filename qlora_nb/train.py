@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from transformers import Seq2SeqTrainer, TrainerState, set_seed
 from transformers.integrations.integration_utils import get_available_reporting_integrations
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import is_sagemaker_mp_enabled
 
 from .checks import say
 from .checks import ConfigError, require
@@ -313,6 +314,20 @@ def compute_loss(self: QLoRATrainer, model, inputs, return_outputs=False, num_it
         loss = label_only_lm_head_loss(model, inputs, n)  # under DDP, inside its forward
     # as transformers: `n` counts every process's labels and DDP averages the gradients
     return loss * self.accelerator.num_processes if n is not None and self.args.average_tokens_across_devices else loss
+
+# %% ../nbs/08_train.ipynb #3c2d6234
+@patch
+def prediction_step(self: QLoRATrainer, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+    "transformers' evaluation step; when only the loss is wanted, that loss alone, with lm_head at label-bearing positions."
+    labelled = len(self.label_names) > 0 and all(inputs.get(k) is not None for k in self.label_names)
+    if (not prediction_loss_only or not labelled or is_sagemaker_mp_enabled() or self.args.use_liger_kernel
+            or trainer_full_logits_reason(self, inputs) or model_full_logits_reason(model)):
+        return Seq2SeqTrainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+    inputs = self._prepare_inputs(inputs)
+    n = self._get_num_items_in_batch([inputs], self.args.device)  # as transformers' step counts them
+    with torch.no_grad(), self.compute_loss_context_manager():
+        loss = self.compute_loss(model, inputs, num_items_in_batch=n)
+    return loss.detach().mean(), None, None
 
 # %% ../nbs/08_train.ipynb #4552fdb1
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ OVERRIDES = {
     "_save_checkpoint": "self._save_checkpoint(model, trial)",
     "compute_loss": "self.compute_loss(model, inputs",
 }
+# overrides of Seq2SeqTrainer's own methods (which our overrides call), and how transformers' Trainer calls them
+SEQ2SEQ_OVERRIDES = {"prediction_step": "self.prediction_step(model, inputs, prediction_loss_only, ignore_keys="}
 
 
 def shape(f) -> list:
@@ -30,7 +32,13 @@ def test_override_has_the_signature_of_transformers_method(name):
     assert getattr(Seq2SeqTrainer, name) is theirs  # our overrides call Seq2SeqTrainer's, which must be the Trainer's
 
 
-@pytest.mark.parametrize("name, call", sorted(OVERRIDES.items()))
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ_OVERRIDES))
+def test_override_has_the_signature_of_seq2seq_trainers_method(name):
+    ours, theirs = vars(QLoRATrainer)[name], vars(Seq2SeqTrainer)[name]
+    assert shape(ours) == shape(theirs), f"transformers' Seq2SeqTrainer.{name} is now {inspect.signature(theirs)}"
+
+
+@pytest.mark.parametrize("name, call", sorted((OVERRIDES | SEQ2SEQ_OVERRIDES).items()))
 def test_transformers_still_calls_it(name, call):
     assert call in inspect.getsource(Trainer), f"Trainer no longer calls {call}...): QLoRATrainer.{name} is skipped"
 
@@ -44,5 +52,5 @@ def test_checkpoint_folder_comes_from_get_output_dir():
 
 def test_no_other_name_of_ours_shadows_the_trainer():
     ours = {n for n in vars(QLoRATrainer) if not n.startswith("__")}
-    assert ours & set(dir(Seq2SeqTrainer)) == set(OVERRIDES)
+    assert ours & set(dir(Seq2SeqTrainer)) == set(OVERRIDES) | set(SEQ2SEQ_OVERRIDES)
     assert {"_publish_checkpoint", "_staging", "label_only_loss", "run_config"} <= ours  # the additions, none of theirs
