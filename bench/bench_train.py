@@ -27,6 +27,10 @@ steps, each in a fresh subprocess (so its peak memory is its own) with the same 
                       qlora-nb without activation checkpointing (every other configuration recomputes each block's
                       activations in the backward pass): faster, but it keeps every block's activations, so its peak
                       memory is above the others' (not a candidate for "best" in the ratios).
+  qlora-nb every_n_layers 5
+                      only every fifth block recomputed (transformers' every_n_layers, through qlora-nb's
+                      --activation_checkpointing_kwargs): between the two, in speed and in memory; opt-in (--configs),
+                      and not a candidate for "best" either. RESULTS.md, "Where the memory goes", says why.
   ... (full logits)   qlora-nb or qlora-nb --packing with `QLoRATrainer.label_only_loss = False`: lm_head and the
                       cross-entropy at every position, as transformers computes them, instead of only where a label
                       is (same loss and gradients): the measured gain of the label-only loss.
@@ -60,7 +64,11 @@ FULL, FULL_PACKED = "qlora-nb (full logits)", "qlora-nb --packing (full logits)"
 FP32_CONFIGS = ["qlora.py", "trl", "trl padding_free", "trl packing", "qlora-nb", "qlora-nb --packing", FULL, FULL_PACKED]
 BF16 = " --bf16"  # a configuration name ending in it: the same tool in bfloat16
 NOCKPT = "qlora-nb --gradient_checkpointing False"
-CONFIGS = FP32_CONFIGS + [NOCKPT] + [c + BF16 for c in ["qlora.py", "trl", "trl packing", "qlora-nb", "qlora-nb --packing", NOCKPT]]
+# transformers' every_n_layers: only every 5th block recomputed (--activation_checkpointing_kwargs '{"use_reentrant":
+# false, "every_n_layers": 5}'), the others keep their activations; opt-in, for the memory trade in RESULTS.md
+EVERY5 = "qlora-nb every_n_layers 5"
+CONFIGS = FP32_CONFIGS + [NOCKPT, EVERY5] + [c + BF16 for c in ["qlora.py", "trl", "trl packing", "qlora-nb", "qlora-nb --packing",
+                                                               NOCKPT, EVERY5]]
 
 # Per model: how it is built, the LoRA rank, and how many steps to run (the larger model's steps take seconds each).
 MODELS = {
@@ -223,6 +231,8 @@ RUNNERS = {"qlora.py": run_qlora_py, "trl": run_trl,
            "qlora-nb": lambda s: run_qlora_nb(qlora_nb_argv(s)),
            "qlora-nb --packing": lambda s: run_qlora_nb(qlora_nb_argv(s, packing=True)),
            NOCKPT: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--gradient_checkpointing", "False"]),
+           EVERY5: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--activation_checkpointing_kwargs",
+                                                              json.dumps({"use_reentrant": False, "every_n_layers": 5})]),
            FULL: run_qlora_nb_full_logits, FULL_PACKED: lambda s: run_qlora_nb_full_logits(s, packing=True)}
 
 
@@ -322,13 +332,15 @@ def ratio_lines(res: dict, key="real_tok_cpu_s") -> list:
     ratio("qlora-nb --bf16 / trl --bf16", "qlora-nb --bf16", "trl --bf16")
     ratio("qlora-nb --bf16 / qlora-nb (fp32)", "qlora-nb --bf16", "qlora-nb")
     for tool in ("qlora.py", "trl"):  # the best qlora-nb setting against the tool's best
-        mine = [c for c in tps if c.startswith("qlora-nb") and "full logits" not in c and not c.startswith(NOCKPT)]
+        mine = [c for c in tps if c.startswith("qlora-nb") and "full logits" not in c and not c.startswith((NOCKPT, EVERY5))]
         theirs = [c for c in tps if c == tool or c.startswith(tool + " ")]
         if mine and theirs:
             bo, bt = max(mine, key=lambda c: tps[c][0]), max(theirs, key=lambda c: tps[c][0])
             ratio(f"best qlora-nb ({bo}) / best {tool} ({bt})", bo, bt)
     ratio("qlora-nb --gradient_checkpointing False / qlora.py (more memory: see peak RSS)", NOCKPT, "qlora.py")
     ratio("qlora-nb --gradient_checkpointing False --bf16 / qlora.py --bf16 (more memory: see peak RSS)", NOCKPT + BF16, "qlora.py --bf16")
+    ratio("qlora-nb every_n_layers 5 / qlora.py (more memory: see peak RSS)", EVERY5, "qlora.py")
+    ratio("qlora-nb every_n_layers 5 --bf16 / qlora.py --bf16 (more memory: see peak RSS)", EVERY5 + BF16, "qlora.py --bf16")
     ratio("qlora-nb --packing / qlora.py", "qlora-nb --packing", "qlora.py")
     ratio("qlora-nb --packing / trl packing", "qlora-nb --packing", "trl packing")
     ratio("label-only lm_head, unpacked: qlora-nb / qlora-nb (full logits)", "qlora-nb", FULL)
@@ -341,10 +353,12 @@ def cpu_features() -> str:
     import torch
     flags = set(next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split())
     amx = sorted(f for f in flags if f.startswith("amx"))
-    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    forced, preload = os.environ.get("ATEN_CPU_CAPABILITY"), os.environ.get("LD_PRELOAD")
     return (f"AVX512-BF16: {'yes' if 'avx512_bf16' in flags else 'no'}; AMX: {', '.join(amx) if amx else 'no'}; "
             f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
-            + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else ""))
+            + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
+            # the allocator changes peak memory and speed (RESULTS.md, "Where the memory goes"): say when it is not glibc's
+            + f"; allocator: {f'LD_PRELOAD={Path(preload).name}' if preload else 'glibc malloc'}")
 
 
 def machine(load_at_start) -> str:
