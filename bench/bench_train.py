@@ -67,8 +67,9 @@ NOCKPT = "qlora-nb --gradient_checkpointing False"
 # transformers' every_n_layers: only every 5th block recomputed (--activation_checkpointing_kwargs '{"use_reentrant":
 # false, "every_n_layers": 5}'), the others keep their activations; opt-in, for the memory trade in RESULTS.md
 EVERY5 = "qlora-nb every_n_layers 5"
-CONFIGS = FP32_CONFIGS + [NOCKPT, EVERY5] + [c + BF16 for c in ["qlora.py", "trl", "trl packing", "qlora-nb", "qlora-nb --packing",
-                                                               NOCKPT, EVERY5]]
+COMPILED = "qlora-nb --compile_blocks"  # each decoder block compiled in place; its first (untimed) step compiles
+CONFIGS = FP32_CONFIGS + [NOCKPT, EVERY5, COMPILED] + [c + BF16 for c in ["qlora.py", "trl", "trl packing", "qlora-nb",
+                                                                          "qlora-nb --packing", NOCKPT, EVERY5, COMPILED]]
 
 # Per model: how it is built, the LoRA rank, and how many steps to run (the larger model's steps take seconds each).
 MODELS = {
@@ -80,8 +81,9 @@ MODELS = {
     "real": dict(desc="SmolLM2-135M-Instruct (`qlora-nb get-model`): Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, "
                       "MLP 1536, vocab 49152, tied embeddings",
                  lora_r=64, batch_size=4, steps=5, warmup=1,
-                 configs=["qlora.py", "trl", "qlora-nb", "qlora-nb --packing", NOCKPT,
-                          "qlora.py --bf16", "trl --bf16", "qlora-nb --bf16", "qlora-nb --packing --bf16", NOCKPT + BF16]),
+                 configs=["qlora.py", "trl", "qlora-nb", "qlora-nb --packing", NOCKPT, COMPILED,
+                          "qlora.py --bf16", "trl --bf16", "qlora-nb --bf16", "qlora-nb --packing --bf16", NOCKPT + BF16,
+                          COMPILED + BF16]),
 }
 REAL_MODEL = "smollm2-135m-instruct"  # qlora_nb.sources.KNOWN_MODELS
 LARGER = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
@@ -233,6 +235,7 @@ RUNNERS = {"qlora.py": run_qlora_py, "trl": run_trl,
            NOCKPT: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--gradient_checkpointing", "False"]),
            EVERY5: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--activation_checkpointing_kwargs",
                                                               json.dumps({"use_reentrant": False, "every_n_layers": 5})]),
+           COMPILED: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--compile_blocks"]),
            FULL: run_qlora_nb_full_logits, FULL_PACKED: lambda s: run_qlora_nb_full_logits(s, packing=True)}
 
 
@@ -331,6 +334,17 @@ def ratio_lines(res: dict, key="real_tok_cpu_s") -> list:
     ratio("qlora-nb --bf16 / qlora.py --bf16", "qlora-nb --bf16", "qlora.py --bf16")
     ratio("qlora-nb --bf16 / trl --bf16", "qlora-nb --bf16", "trl --bf16")
     ratio("qlora-nb --bf16 / qlora-nb (fp32)", "qlora-nb --bf16", "qlora-nb")
+    ratio("qlora-nb --compile_blocks / qlora.py", COMPILED, "qlora.py")
+    ratio("qlora-nb --compile_blocks / trl (fp32)", COMPILED, "trl")
+    ratio("qlora-nb --compile_blocks --bf16 / qlora.py --bf16", COMPILED + BF16, "qlora.py --bf16")
+    ratio("qlora-nb --compile_blocks --bf16 / trl --bf16", COMPILED + BF16, "trl --bf16")
+    ratio("qlora-nb --compile_blocks / qlora-nb (fp32, eager blocks)", COMPILED, "qlora-nb")
+    ratio("qlora-nb --compile_blocks --bf16 / qlora-nb --bf16 (eager blocks)", COMPILED + BF16, "qlora-nb --bf16")
+    for c in (COMPILED, COMPILED + BF16):  # what the compilation costs, once per run: in the first, untimed step
+        eager = c.replace(" --compile_blocks", "")
+        if c in res and eager in res and "error" not in res[c] and "error" not in res[eager] and "untimed_cpu_s" in res[c]:
+            out.append(f"- {c}: its untimed first step (the compilation) took {res[c]['untimed_cpu_s']:.1f} CPU s, "
+                       f"{eager}'s {res[eager]['untimed_cpu_s']:.1f}")
     for tool in ("qlora.py", "trl"):  # the best qlora-nb setting against the tool's best
         mine = [c for c in tps if c.startswith("qlora-nb") and "full logits" not in c and not c.startswith((NOCKPT, EVERY5))]
         theirs = [c for c in tps if c == tool or c.startswith(tool + " ")]

@@ -139,6 +139,7 @@ class Observer:
                     cpu_s_per_step=cpu / n, real_tokens=real, trained_tokens=trained, slots=slots,
                     real_tok_s=real / wall, real_tok_cpu_s=real / cpu, trained_tok_cpu_s=trained / cpu,
                     pad_share=1 - real / slots, load=os.getloadavg()[0], setup_s=self.steps[0][1] - self.t_start,
+                    untimed_cpu_s=cpu0 - self.steps[0][2],  # the steps before the timed ones: warm-up, compilation
                     train_loss=self.train_loss, loss=self.losses.get(last, self.loss), weight_bits=self.bits,
                     profile=self.profile, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                     peak_train_rss_mb=self.peak_train_rss / 2**20,

@@ -6,13 +6,13 @@ Docs: https://qlora-nb.github.io/qlora_nb/config.html.md"""
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'DATASET_FORMATS', 'CHAT_TEMPLATES', 'QUANT_TYPES', 'BITS', 'MMLU_DATASETS', 'MMLU_SPLITS',
-           'INIT_LORA_WEIGHTS', 'ADAPTER_FLAGS', 'PLANNING', 'CPU_FP16_SLOWDOWN', 'CPU_BF16_SLOWDOWN', 'LEGACY_FLAGS',
-           'ARG_CLASSES', 'DERIVED_FIELDS', 'ModelArguments', 'DataArguments', 'check_quantization', 'check_batching',
-           'check_run_length', 'check_intervals', 'check_resume_folder', 'comma_list', 'check_lora_variant',
-           'moves_base_weights', 'check_lora_init', 'on_cpu', 'check_cpu_precision', 'TrainingArguments',
-           'GenerationArguments', 'translate_legacy_flags', 'make_parser', 'known_flags', 'flag_table', 'merge_args',
-           'planning', 'parse_args', 'to_yaml', 'save_yaml', 'read_yaml', 'arg_value', 'cli_tokens',
-           'default_arg_values', 'args_values']
+           'INIT_LORA_WEIGHTS', 'ADAPTER_FLAGS', 'PLANNING', 'CPU_FP16_SLOWDOWN', 'CPU_BF16_SLOWDOWN',
+           'BLOCK_COMPILE_SPEEDUP', 'LEGACY_FLAGS', 'ARG_CLASSES', 'DERIVED_FIELDS', 'ModelArguments', 'DataArguments',
+           'check_quantization', 'check_batching', 'check_run_length', 'check_intervals', 'check_resume_folder',
+           'comma_list', 'check_lora_variant', 'moves_base_weights', 'check_lora_init', 'on_cpu', 'check_cpu_precision',
+           'check_block_compilation', 'TrainingArguments', 'GenerationArguments', 'translate_legacy_flags',
+           'make_parser', 'known_flags', 'flag_table', 'merge_args', 'planning', 'parse_args', 'to_yaml', 'save_yaml',
+           'read_yaml', 'arg_value', 'cli_tokens', 'default_arg_values', 'args_values']
 
 # %% ../nbs/00_config.ipynb #ec043800
 import copy, dataclasses, enum, json, sys, warnings
@@ -213,6 +213,32 @@ def check_cpu_precision(t):
     require(not t.bf16 or t.use_cpu, "--bf16 on a machine without a GPU: add --use_cpu to train in bfloat16 on the CPU "
             "(fast on CPUs with AVX512-BF16 or AMX, slower than float32 on others).")
 
+# %% ../nbs/00_config.ipynb #18210e6f
+BLOCK_COMPILE_SPEEDUP = {"fp32": 1.18, "bf16": 1.28}  # eager / compiled CPU time of SmolLM2-135M training steps (bench/RESULTS.md)
+
+def check_block_compilation(t):
+    "`--compile_blocks` needs what torch.compile builds kernels with: a C++ compiler and Python's headers on a CPU, Triton on a GPU."
+    if not t.compile_blocks or PLANNING.active: return
+    require(not (t.torch_compile or t.torch_compile_backend or t.torch_compile_mode), "--compile_blocks and "
+            "--torch_compile both compile the model: keep --compile_blocks (each decoder block compiled in place, the "
+            "loss stays label-only) or --torch_compile (transformers compiles the whole model), not both.")
+    if on_cpu(t):
+        import sysconfig
+        from torch._inductor import cpp_builder, exc
+        try: cpp_builder.get_cpp_compiler()
+        except exc.InvalidCxxCompiler as e:
+            raise ConfigError(f"--compile_blocks on a CPU: torch.compile builds its kernels with a C++ compiler and "
+                              f"none works here ({e}). Install one (Debian or Ubuntu: apt install g++; or set CXX to "
+                              "a working compiler), or train without --compile_blocks.") from None
+        headers = Path(sysconfig.get_paths()["include"])/"Python.h"
+        require(headers.is_file(), f"--compile_blocks on a CPU: torch.compile's kernels are built against Python's "
+                f"C headers and {headers} is missing. Install them (Debian or Ubuntu: apt install python3-dev), or train "
+                "without --compile_blocks.")
+    else:
+        from torch.utils._triton import has_triton
+        require(has_triton(), "--compile_blocks on a GPU: torch.compile writes its GPU kernels in Triton, which is "
+                "not installed: pip install the triton release your torch names, or train without --compile_blocks.")
+
 # %% ../nbs/00_config.ipynb #ae8a414e
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
@@ -278,6 +304,10 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         f"--use_cpu); slower than float32 on other CPUs: 0.85x with AVX-512, {CPU_BF16_SLOWDOWN}x slower without."})
     fp16: bool = field(default=False, metadata={"help": "Compute in float16 (GPUs; refused on a CPU, where it is "
         f"about {CPU_FP16_SLOWDOWN}x slower than float32)."})
+    compile_blocks: bool = field(default=False, metadata={"help": "Compile each decoder block with torch.compile "
+        "(in place, dynamic shapes), so the products and the work between them run as fused kernels: SmolLM2-135M "
+        f"trains {BLOCK_COMPILE_SPEEDUP['fp32']}x faster in float32 and {BLOCK_COMPILE_SPEEDUP['bf16']}x in bfloat16 on "
+        "a CPU, after a first step that compiles (10-20 s). Needs a C++ compiler on a CPU, Triton on a GPU."})
     start_over: bool = field(default=False,
         metadata={"help": "Train from scratch even if output_dir holds checkpoints or a completed run (they are replaced)."})
 
@@ -287,6 +317,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
                            self.fp16, self.bf16, self.lora_alpha)
         check_lora_variant(self)
         check_batching(self); check_run_length(self); check_intervals(self); check_cpu_precision(self)
+        check_block_compilation(self)
         check_resume_folder(self.resume_from_checkpoint)
         require(self.mmlu_source_max_len > 0, f"mmlu_source_max_len must be positive, got {self.mmlu_source_max_len}.")
         require(self.max_mmlu_samples is None or self.max_mmlu_samples > 0,

@@ -9,14 +9,14 @@ __all__ = ['RESUME_FIXED', 'TRACKER_EXTRAS', 'VERSIONED', 'COMPLETED_FIXED', 'ge
            'clear_run', 'discard_unfinished_writes', 'check_checkpoint', 'resolved_config', 'setting_changes',
            'resume_setting_changes', 'as_flags', 'check_resume_settings', 'training_done', 'find_resume_point',
            'QLoRATrainer', 'save_fsdp_adapter', 'make_trainer', 'check_packing', 'add_callbacks', 'check_trackers',
-           'unpinned_batches_quiet', 'reset_peak_memory', 'peak_memory', 'logged_train_metrics', 'finish_training',
-           'run_training', 'run_evaluation', 'package_versions', 'device_description', 'git_commit', 'run_record',
-           'write_metrics', 'check_launch', 'check_completed_settings', 'is_complete', 'read_run_inputs', 'finish_run',
-           'train', 'train_main']
+           'kernel_cache_per_isa', 'compile_blocks', 'unpinned_batches_quiet', 'reset_peak_memory', 'peak_memory',
+           'logged_train_metrics', 'finish_training', 'run_training', 'run_evaluation', 'package_versions',
+           'device_description', 'git_commit', 'run_record', 'write_metrics', 'check_launch',
+           'check_completed_settings', 'is_complete', 'read_run_inputs', 'finish_run', 'train', 'train_main']
 
 # %% ../nbs/08_train.ipynb #738977f7
 import qlora_nb  # first: bitsandbytes, imported by peft below, then loads without fetching code
-import contextlib, copy, json, os, platform, re, shutil, subprocess, sys, warnings, zipfile
+import contextlib, copy, functools, json, os, platform, re, shutil, subprocess, sys, warnings, zipfile
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Seq2SeqTrainer, TrainerState, set_seed
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.integrations.integration_utils import get_available_reporting_integrations
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
@@ -329,6 +330,34 @@ def prediction_step(self: QLoRATrainer, model, inputs, prediction_loss_only, ign
         loss = self.compute_loss(model, inputs, num_items_in_batch=n)
     return loss.detach().mean(), None, None
 
+# %% ../nbs/08_train.ipynb #9b90fe64
+def kernel_cache_per_isa() -> str:
+    "Point torch.compile's on-disk kernel cache at a folder of this vector instruction set's own, unless the user chose one."
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch itself fills in its default at its first use
+    if chosen is not None and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()): return chosen
+    isa = pick_vec_isa()  # AVX-512, AVX2 or none: the CPU's, or ATEN_CPU_CAPABILITY's
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder = os.path.join(default_cache_dir(), str(isa).replace(" ", "+") if isa else "no-vec")
+    return folder
+
+def compile_blocks(model) -> int:
+    "Compile each decoder block of `model` in place (torch.compile, dynamic shapes); returns how many."
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]  # transformers' decoder blocks
+    nested = {id(m) for b in blocks for m in b.modules() if m is not b}
+    blocks = [b for b in blocks if id(b) not in nested]
+    require(blocks, f"--compile_blocks: {type(model).__name__} has no transformers decoder blocks "
+            "(GradientCheckpointingLayer) to compile: train without --compile_blocks.")
+    kernel_cache_per_isa()
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # see above
+    for block in blocks: block.compile(dynamic=True)
+    generate = model.generate  # generation runs eagerly: each cache state and batch of one would compile anew
+    @functools.wraps(generate)
+    def eager_generate(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"): return generate(*args, **kwargs)
+    model.generate = eager_generate
+    return len(blocks)
+
 # %% ../nbs/08_train.ipynb #4552fdb1
 @contextlib.contextmanager
 def unpinned_batches_quiet():
@@ -489,6 +518,8 @@ def train(argv=None) -> dict | None:
     chat_template = lambda tokenizer, model: set_run_chat_template(tokenizer, model, args, splits)
     model, tokenizer = get_accelerate_model(args, checkpoint, prepare=chat_template)
     print_trainable_parameters(args, model)
+    if args.compile_blocks:  # compiled at the first step: `compile_blocks`
+        say(f"--compile_blocks: {compile_blocks(model)} decoder blocks compile at the first step (10-20 s on a CPU).")
     if args.do_train and (hint := cpu_bf16_hint(args)): say(hint)  # --bf16 faster, or slower, on this CPU
     data_module = make_data_module(tokenizer, args, splits)
     check_packing(model, data_module["data_collator"], args)
