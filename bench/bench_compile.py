@@ -4,8 +4,9 @@ against each block compiled in place (torch.compile's regional compilation, dyna
     python bench/bench_compile.py                  # fp32 and bf16, each mode in its own process, one thread: ~6 min
     python bench/bench_compile.py --dtypes bf16
 
-Not in the product (RESULTS.md, "Tried on 2026-12-05"): a measurement of the lever. SmolLM2-135M-Instruct (`qlora-nb
-get-model`), 4-bit NF4, LoRA r 64 on every linear layer, qlora_nb's loader, activation checkpointing on (as in every
+The measurement that led to `qlora-nb train --compile_blocks` (RESULTS.md, "Tried on 2026-12-05" and "Compiled
+blocks"); the blocks are compiled as that flag compiles them (`qlora_nb.train.compile_blocks`). SmolLM2-135M-Instruct
+(`qlora-nb get-model`), 4-bit NF4, LoRA r 64 on every linear layer, qlora_nb's loader, activation checkpointing on (as in every
 bench_train row); batches of 4 random rows whose length changes at every step (as group_by_length's batches do, so a
 compiler that specialised on one length would recompile), the loss over every position. Each block is compiled with
 `block.compile(dynamic=True)`, and torch._dynamo may skip replaying side effects under checkpointing
@@ -23,7 +24,7 @@ LENGTHS = [134, 120, 150, 101, 177, 134, 142, 99, 160, 128, 111, 149]  # around 
 
 def measure(spec: dict) -> dict:
     "One mode in this (fresh) process: its figures."
-    import torch, torch._dynamo
+    import torch
     torch.set_num_threads(1)
     from qlora_nb.config import parse_args
     from qlora_nb.model import get_accelerate_model
@@ -36,8 +37,8 @@ def measure(spec: dict) -> dict:
     model, _ = get_accelerate_model(args)
     model.train()
     if mode == "compiled":
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-        for block in model.get_base_model().model.layers: block.compile(dynamic=True)
+        from qlora_nb.train import compile_blocks
+        compile_blocks(model)
     times = []
     for step, length in enumerate(LENGTHS):
         ids = torch.randint(100, 40000, (4, length), generator=torch.Generator().manual_seed(step))

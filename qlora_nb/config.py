@@ -214,7 +214,7 @@ def check_cpu_precision(t):
             "(fast on CPUs with AVX512-BF16 or AMX, slower than float32 on others).")
 
 # %% ../nbs/00_config.ipynb #18210e6f
-BLOCK_COMPILE_SPEEDUP = {"fp32": 1.18, "bf16": 1.28}  # eager / compiled CPU time of SmolLM2-135M training steps (bench/RESULTS.md)
+BLOCK_COMPILE_SPEEDUP = {"fp32": 1.04, "bf16": 1.33}  # compiled / eager real tokens per CPU s, SmolLM2-135M (bench/RESULTS.md)
 
 def check_block_compilation(t):
     "`--compile_blocks` needs what torch.compile builds kernels with: a C++ compiler and Python's headers on a CPU, Triton on a GPU."
@@ -305,9 +305,12 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     fp16: bool = field(default=False, metadata={"help": "Compute in float16 (GPUs; refused on a CPU, where it is "
         f"about {CPU_FP16_SLOWDOWN}x slower than float32)."})
     compile_blocks: bool = field(default=False, metadata={"help": "Compile each decoder block with torch.compile "
-        "(in place, dynamic shapes), so the products and the work between them run as fused kernels: SmolLM2-135M "
-        f"trains {BLOCK_COMPILE_SPEEDUP['fp32']}x faster in float32 and {BLOCK_COMPILE_SPEEDUP['bf16']}x in bfloat16 on "
-        "a CPU, after a first step that compiles (10-20 s). Needs a C++ compiler on a CPU, Triton on a GPU."})
+        "(in place, dynamic shapes), so that the work between the matrix products runs as fused kernels: SmolLM2-135M "
+        f"trains {BLOCK_COMPILE_SPEEDUP['bf16']}x faster with --bf16 on a CPU with AVX512-BF16, with less memory, and "
+        f"about as fast in float32 ({BLOCK_COMPILE_SPEEDUP['fp32']}x), after a first step that compiles (10-20 CPU s). "
+        "The memory it saves can buy less recomputation: with --activation_checkpointing_kwargs '{\"use_reentrant\": "
+        "false, \"every_n_layers\": 5}' it trained 1.5x (float32) and 1.8x (--bf16) as fast as qlora.py, at a lower "
+        "peak memory (bench/RESULTS.md). Needs a C++ compiler on a CPU, Triton on a GPU."})
     start_over: bool = field(default=False,
         metadata={"help": "Train from scratch even if output_dir holds checkpoints or a completed run (they are replaced)."})
 
