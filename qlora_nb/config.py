@@ -306,7 +306,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         f"about {CPU_FP16_SLOWDOWN}x slower than float32)."})
     compile_blocks: bool = field(default=False, metadata={"help": "Compile each decoder block with torch.compile "
         "(in place, dynamic shapes), so that the work between the matrix products runs as fused kernels: SmolLM2-135M "
-        f"trains {BLOCK_COMPILE_SPEEDUP['bf16']}x faster with --bf16 on a CPU with AVX512-BF16, with less memory, and "
+        f"trains {BLOCK_COMPILE_SPEEDUP['bf16']}x faster with --bf16 on a CPU with AVX512-BF16, with no more memory, and "
         f"about as fast in float32 ({BLOCK_COMPILE_SPEEDUP['fp32']}x), after a first step that compiles (10-20 CPU s). "
         "The memory it saves can buy less recomputation: with --activation_checkpointing_kwargs '{\"use_reentrant\": "
         "false, \"every_n_layers\": 5}' it trained 1.5x (float32) and 1.8x (--bf16) as fast as qlora.py, at a lower "
