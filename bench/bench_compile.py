@@ -5,9 +5,9 @@ against each block compiled in place (torch.compile's regional compilation, dyna
     python bench/bench_compile.py --dtypes bf16
 
 The measurement that led to `qlora-nb train --compile_blocks` (RESULTS.md, "Tried on 2026-12-05" and "Compiled
-blocks"); the blocks are compiled as that flag compiles them (`qlora_nb.train.compile_blocks`). SmolLM2-135M-Instruct
-(`qlora-nb get-model`), 4-bit NF4, LoRA r 64 on every linear layer, qlora_nb's loader, activation checkpointing on (as in every
-bench_train row); batches of 4 random rows whose length changes at every step (as group_by_length's batches do, so a
+blocks"); the blocks are compiled as that flag compiles them (`qlora_nb.train.compile_blocks`).
+SmolLM2-135M-Instruct (`qlora-nb get-model`), 4-bit NF4, LoRA r 64 on every linear layer, qlora_nb's loader,
+activation checkpointing on (as in every bench_train row); batches of 4 random rows whose length changes at every step (as group_by_length's batches do, so a
 compiler that specialised on one length would recompile), the loss over every position. Each block is compiled with
 `block.compile(dynamic=True)`, and torch._dynamo may skip replaying side effects under checkpointing
 (`skip_fwd_side_effects_in_bwd_under_checkpoint`: transformers' hub-kernel RMSNorm sets a context variable, which

@@ -67,6 +67,7 @@ NOCKPT = "qlora-nb --gradient_checkpointing False"
 # transformers' every_n_layers: only every 5th block recomputed (--activation_checkpointing_kwargs '{"use_reentrant":
 # false, "every_n_layers": 5}'), the others keep their activations; opt-in, for the memory trade in RESULTS.md
 EVERY5 = "qlora-nb every_n_layers 5"
+EVERY5_FLAGS = ["--activation_checkpointing_kwargs", json.dumps({"use_reentrant": False, "every_n_layers": 5})]
 COMPILED = "qlora-nb --compile_blocks"  # each decoder block compiled in place; its first (untimed) step compiles
 COMPILED5 = "qlora-nb --compile_blocks every_n_layers 5"  # both: the memory compiling saves, spent on recomputing less
 CONFIGS = FP32_CONFIGS + [NOCKPT, EVERY5, COMPILED, COMPILED5] + [
@@ -234,11 +235,9 @@ RUNNERS = {"qlora.py": run_qlora_py, "trl": run_trl,
            "qlora-nb": lambda s: run_qlora_nb(qlora_nb_argv(s)),
            "qlora-nb --packing": lambda s: run_qlora_nb(qlora_nb_argv(s, packing=True)),
            NOCKPT: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--gradient_checkpointing", "False"]),
-           EVERY5: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--activation_checkpointing_kwargs",
-                                                              json.dumps({"use_reentrant": False, "every_n_layers": 5})]),
+           EVERY5: lambda s: run_qlora_nb(qlora_nb_argv(s) + EVERY5_FLAGS),
            COMPILED: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--compile_blocks"]),
-           COMPILED5: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--compile_blocks", "--activation_checkpointing_kwargs",
-                                                                 json.dumps({"use_reentrant": False, "every_n_layers": 5})]),
+           COMPILED5: lambda s: run_qlora_nb(qlora_nb_argv(s) + ["--compile_blocks"] + EVERY5_FLAGS),
            FULL: run_qlora_nb_full_logits, FULL_PACKED: lambda s: run_qlora_nb_full_logits(s, packing=True)}
 
 
@@ -426,7 +425,7 @@ def report(all_results: dict, opts, load_at_start, start=MARK_START, end=MARK_EN
     argv = qlora_nb_argv(dict(model="MODEL", data="DATA.json", output_dir="OUT", steps="N", batch_size="B",
                               source_max_len=opts.source_max_len, target_max_len=opts.target_max_len, lora_r="R",
                               lora_alpha=16, lora_dropout=0.0, optim=opts.optim))
-    lines += [f"The qlora-nb rows ran `qlora-nb {' '.join(argv)} [--packing] [--bf16] [--gradient_checkpointing False]` (`qlora_nb.cli.main` in the worker "
+    lines += [f"The qlora-nb rows ran `qlora-nb {' '.join(argv)} [--packing] [--bf16] [--gradient_checkpointing False] [--compile_blocks] [--activation_checkpointing_kwargs JSON]` (`qlora_nb.cli.main` in the worker "
               "process, so the observer can count its tokens); the (full logits) rows the same with "
               "`QLoRATrainer.label_only_loss = False` set first.", ""]
     return "\n".join(lines + [end])
